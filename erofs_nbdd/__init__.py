@@ -1,0 +1,3 @@
+"""erofs-nbdd: serve a directory of EROFS images over NBD."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,405 @@
+"""One client connection: the handshake, then the transmission loop.
+
+Policy lives here (which export, which limits); the protocol machines decide what is legal.
+Cached reads are answered inline and batched into one write; reads that would block go to
+worker threads, bounded per connection so a client cannot queue unbounded work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from .backends import Backend, FileBackend
+from .protocol import (
+    BASE_ALLOCATION,
+    NEED_DATA,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ExportLimits,
+    Info,
+    Rep,
+    ServerHandshake,
+    ServerTransmission,
+    State,
+    TransmissionFlag,
+    check_request,
+)
+from .protocol.events import (
+    AbortOption,
+    ClientFlags,
+    Disconnect,
+    ExportNameOption,
+    InfoOption,
+    InvalidOption,
+    ListOption,
+    MetaContextOption,
+    OptionEvent,
+    Request,
+    StartTLSOption,
+    StructuredReplyOption,
+    UnsupportedOption,
+)
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+    from .exports import Export, ExportDirectory
+
+log = logging.getLogger("erofs_nbdd.connection")
+
+RECEIVE_SIZE = 256 * 1024
+#: Replies are gathered up to this many bytes before one write.
+BATCH_BYTES = 1024 * 1024
+BASE_FLAGS = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.READ_ONLY
+    | TransmissionFlag.CAN_MULTI_CONN
+    | TransmissionFlag.SEND_CACHE
+)
+#: The one meta context we serve, and its id after SET_META_CONTEXT.
+CONTEXT_ID = 1
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection."""
+
+
+class LimitExceeded(Exception):
+    """The client broke a server limit; it is disconnected and the limit logged."""
+
+
+@dataclass
+class Stats:
+    export: str = "-"
+    requests: int = 0
+    bytes_read: int = 0
+    errors: int = 0
+    ended: str = "closed"
+
+
+class Connection:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        peer: str,
+        config: ServerConfig,
+        exports: ExportDirectory,
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.config = config
+        self.limits = config.limits
+        self.exports = exports
+        self.stats = Stats()
+        self.handshake = ServerHandshake(max_option_length=config.limits.max_option_length)
+        self._handshake_scope = trio.CancelScope()
+        self._receive_scope: trio.CancelScope | None = None
+        self._stopping = False
+        self._send_lock = trio.Lock()
+        self._backend: Backend | None = None
+        self._export: Export | None = None
+        self._options = 0
+        self._option_budget = config.limits.max_options
+
+    # -- I/O helpers ---------------------------------------------------------------------
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ClientGone("connection lost while sending") from exc
+
+    async def _receive(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGone("connection reset") from exc
+        return bytes(data)
+
+    async def _receive_requests(self) -> bytes | None:
+        """Bytes of further requests; None once the server is stopping. Only this wait is
+        ever cancelled by a shutdown, never a reply being written."""
+        if self._stopping:
+            return None
+        with trio.CancelScope() as scope:
+            self._receive_scope = scope
+            return await self._receive()
+        return None
+
+    # -- whole life ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Server shutdown: end a handshake at once; in transmission, read no more requests
+        but let those in flight finish (the server bounds how long)."""
+        self.stats.ended = "server shutdown"
+        self._stopping = True
+        self._handshake_scope.cancel()
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def run(self) -> None:
+        done = False
+        with self._handshake_scope, trio.fail_after(self.limits.handshake_timeout):
+            await self._send(self.handshake.greeting())
+            done = await self._negotiate()
+        if done:
+            await self._transmit()
+
+    async def _negotiate(self) -> bool:
+        """Run the handshake; True when transmission starts, False when the client left."""
+        hs = self.handshake
+        while hs.state not in (State.TRANSMISSION, State.CLOSED):
+            event = hs.next_event()
+            if event is NEED_DATA:
+                data = await self._receive()
+                if not data:
+                    self.stats.ended = "client left during handshake"
+                    return False
+                hs.receive_data(data)
+                continue
+            if isinstance(event, ClientFlags):
+                continue
+            self._options += 1
+            if self._options > self._option_budget:
+                raise LimitExceeded(f"more than {self._option_budget} options before GO")
+            await self._answer(event)
+        if hs.state is State.CLOSED:
+            self.stats.ended = "abort"
+            return False
+        return True
+
+    async def _answer(self, event: OptionEvent) -> None:
+        hs = self.handshake
+        if isinstance(event, AbortOption):
+            await self._send(hs.send_ack())
+        elif isinstance(event, ListOption):
+            exports = await self._scan()
+            self._option_budget += 2 * len(exports)
+            parts = [hs.send_server(e.name, e.description) for e in exports.values()]
+            await self._send(b"".join([*parts, hs.send_ack()]))
+        elif isinstance(event, StartTLSOption):
+            await self._send(
+                hs.send_error(Rep.ERR_POLICY, "TLS is not enabled on this server (--tls on)")
+            )
+        elif isinstance(event, StructuredReplyOption):
+            await self._send(hs.send_ack())
+        elif isinstance(event, InfoOption):
+            await self._info(event)
+        elif isinstance(event, MetaContextOption):
+            await self._meta_context(event)
+        elif isinstance(event, ExportNameOption):
+            await self._export_name(event)
+        elif isinstance(event, UnsupportedOption):
+            await self._send(
+                hs.send_error(Rep.ERR_UNSUP, f"option {event.option} is not supported")
+            )
+        elif isinstance(event, InvalidOption):
+            await self._send(hs.send_error(event.rep, event.message))
+
+    async def _scan(self) -> dict[str, Export]:
+        return await trio.to_thread.run_sync(self.exports.scan)
+
+    async def _lookup(self, name: str) -> Export | str:
+        return self.exports.resolve_name(name, await self._scan())
+
+    def _flags(self) -> int:
+        flags = BASE_FLAGS
+        if self.handshake.negotiated.structured_replies:
+            flags |= TransmissionFlag.SEND_DF  # a READ is always one chunk here
+        return int(flags)
+
+    def _open(self, export: Export) -> FileBackend:
+        return FileBackend(
+            export.path,
+            preferred_block=max(512, export.superblock.block_size),
+            max_payload=self.limits.max_payload,
+        )
+
+    async def _info(self, event: InfoOption) -> None:
+        hs = self.handshake
+        found = await self._lookup(event.name)
+        if isinstance(found, str):
+            await self._send(hs.send_error(Rep.ERR_UNKNOWN, found))
+            return
+        backend: FileBackend | None = None
+        if event.go:
+            try:
+                backend = self._open(found)
+            except OSError as exc:
+                log.warning("%s: cannot open %s: %s", self.peer, found.path, exc)
+                await self._send(hs.send_error(Rep.ERR_UNKNOWN, f"cannot open export: {exc}"))
+                return
+        parts = [hs.send_info_export(found.size, self._flags())]
+        if Info.NAME in event.requests:
+            parts.append(hs.send_info_name(found.name))
+        if Info.DESCRIPTION in event.requests:
+            parts.append(hs.send_info_description(found.description))
+        if Info.BLOCK_SIZE in event.requests:
+            parts.append(
+                hs.send_info_block_size(512, found.superblock.block_size, self.limits.max_payload)
+            )
+        if event.go:
+            self._select(found, backend)
+        parts.append(hs.send_ack())
+        await self._send(b"".join(parts))
+
+    def _select(self, export: Export, backend: Backend | None) -> None:
+        self._export, self._backend = export, backend
+        self.stats.export = export.name
+        negotiated = self.handshake.negotiated
+        if negotiated.meta_export != export.name:
+            negotiated.meta_contexts = {}  # contexts were chosen for another export
+
+    async def _meta_context(self, event: MetaContextOption) -> None:
+        hs = self.handshake
+        found = await self._lookup(event.name)
+        if isinstance(found, str):
+            await self._send(hs.send_error(Rep.ERR_UNKNOWN, found))
+            return
+        if event.set:
+            match = BASE_ALLOCATION in event.queries
+        else:
+            match = not event.queries or any(q in ("base:", BASE_ALLOCATION) for q in event.queries)
+        parts = []
+        if match:
+            parts.append(
+                hs.send_meta_context(CONTEXT_ID if event.set else 0, BASE_ALLOCATION, found.name)
+            )
+        parts.append(hs.send_ack())
+        await self._send(b"".join(parts))
+
+    async def _export_name(self, event: ExportNameOption) -> None:
+        found = await self._lookup(event.name)
+        if isinstance(found, str):
+            # The spec allows no error reply here: the session ends.
+            self.stats.ended = f"EXPORT_NAME refused: {found}"
+            raise ClientGone(found)
+        try:
+            backend = self._open(found)
+        except OSError as exc:
+            raise ClientGone(f"cannot open {found.path}: {exc}") from exc
+        self._select(found, backend)
+        await self._send(self.handshake.send_export_name_reply(found.size, self._flags()))
+
+    # -- transmission --------------------------------------------------------------------
+
+    async def _transmit(self) -> None:
+        assert self._backend is not None
+        assert self._export is not None
+        backend = self._backend
+        negotiated = self.handshake.negotiated
+        tx = ServerTransmission(negotiated, max_write_payload=self.limits.max_payload)
+        tx.receive_data(self.handshake.trailing_data)
+        limits = ExportLimits(
+            size=backend.get_size(),
+            flags=self._flags(),
+            min_block=512,
+            max_payload=self.limits.max_payload,
+        )
+        slots = trio.Semaphore(self.limits.max_in_flight)
+        verbose = self.config.verbose
+        try:
+            async with trio.open_nursery() as nursery:
+                out: list[bytes] = []
+                size = 0
+                while True:
+                    event = tx.next_event()
+                    if event is NEED_DATA:
+                        if out:
+                            await self._send(b"".join(out))
+                            out, size = [], 0
+                        data = await self._receive_requests()
+                        if data is None:
+                            break  # server shutdown: answer what is in flight, then close
+                        if not data:
+                            self.stats.ended = "client closed without NBD_CMD_DISC"
+                            break
+                        tx.receive_data(data)
+                        continue
+                    if isinstance(event, Disconnect):
+                        self.stats.ended = "disconnect"
+                        break
+                    self.stats.requests += 1
+                    if verbose:
+                        log.debug("%s: %s", self.peer, event)
+                    error, message = check_request(event, limits, negotiated)
+                    if error is not Errno.OK:
+                        self.stats.errors += 1
+                        out.append(tx.error_reply(event.cookie, error, message))
+                        size += 64
+                    elif event.cmd == Cmd.READ:
+                        cached = backend.pread_nowait(event.offset, event.length)
+                        if cached is None:
+                            try:
+                                slots.acquire_nowait()
+                            except trio.WouldBlock:
+                                if out:  # let the client see what is done while we wait
+                                    await self._send(b"".join(out))
+                                    out, size = [], 0
+                                await slots.acquire()
+                            nursery.start_soon(self._slow_request, tx, event, slots)
+                            continue
+                        self.stats.bytes_read += len(cached)
+                        out.append(tx.read_reply_header(event.cookie, event.offset, len(cached)))
+                        out.append(cached)
+                        size += len(cached)
+                    elif event.cmd == Cmd.BLOCK_STATUS:
+                        await slots.acquire()
+                        nursery.start_soon(self._slow_request, tx, event, slots)
+                        continue
+                    else:  # CACHE and FLUSH: nothing to wait for
+                        if event.cmd == Cmd.CACHE:
+                            await backend.cache(event.offset, event.length)
+                        out.append(tx.ok_reply(event.cookie))
+                        size += 32
+                    if size >= BATCH_BYTES:
+                        await self._send(b"".join(out))
+                        out, size = [], 0
+                if out:
+                    await self._send(b"".join(out))
+                # leaving the nursery waits for the requests still in flight (DISC rules)
+        finally:
+            backend.close()
+
+    async def _slow_request(
+        self, tx: ServerTransmission, req: Request, slots: trio.Semaphore
+    ) -> None:
+        try:
+            assert self._backend is not None
+            try:
+                if req.cmd == Cmd.READ:
+                    data = await self._backend.pread(req.offset, req.length)
+                    self.stats.bytes_read += len(data)
+                    reply = tx.read_reply_header(req.cookie, req.offset, len(data)) + data
+                else:
+                    extents = await self._backend.extents(req.offset, req.length)
+                    extents = _clip_extents(extents, req)
+                    reply = tx.block_status_reply(req.cookie, [(CONTEXT_ID, extents)])
+            except OSError as exc:
+                # Read everything before any header goes out, so a failure is a clean EIO.
+                log.warning("%s: %s failed at %d: %s", self.peer, req.name, req.offset, exc)
+                self.stats.errors += 1
+                reply = tx.error_reply(req.cookie, Errno.EIO, f"read failed: {exc.strerror}")
+            await self._send(reply)
+        finally:
+            slots.release()
+
+
+def _clip_extents(extents: list[tuple[int, int]], req: Request) -> list[tuple[int, int]]:
+    """Honour REQ_ONE, and never report more than was asked."""
+    out = []
+    left = req.length
+    for length, flags in extents:
+        if left <= 0:
+            break
+        take = min(length, left)
+        out.append((take, flags))
+        left -= take
+        if req.flags & CmdFlag.REQ_ONE:
+            break
+    return out or [(req.length, 0)]

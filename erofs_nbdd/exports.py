@@ -1,0 +1,211 @@
+"""The exports of a directory: which files are EROFS images, their names and descriptions.
+
+A file is served only if its EROFS superblock checks out, so a stray tarball or a half-copied
+image never reaches a client. The directory is re-scanned whenever a client negotiates;
+superblocks are parsed again only when a file's identity (inode, size, mtime) changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EROFS_MAGIC = 0xE0F5E1E2
+SUPERBLOCK_OFFSET = 1024
+# magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos, build_time,
+# build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name, feature_incompat
+_SUPERBLOCK = struct.Struct("<IIIBBHQQIIII16s16sI")
+SUFFIX = ".erofs"
+MIN_BLOCK = 512
+
+_COMPAT = {0x1: "sb_chksum", 0x2: "mtime", 0x4: "xattr_filter"}
+_INCOMPAT = {
+    0x1: "zero_padding",
+    0x2: "compr_cfgs",
+    0x4: "chunked_file",
+    0x8: "device_table",
+    0x10: "ztailpacking",
+    0x20: "fragments",
+    0x40: "xattr_prefixes",
+    0x80: "48bit",
+    0x100: "metabox",
+}
+
+
+class NotErofs(ValueError):
+    """The file is not a usable EROFS image; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock:
+    block_size: int
+    blocks: int
+    inodes: int
+    build_time: int
+    uuid: str
+    volume_name: str
+    features: tuple[str, ...]
+
+    def describe(self, size: int) -> str:
+        """The human description NBD_INFO_DESCRIPTION and NBD_OPT_LIST carry."""
+        parts = ["EROFS"]
+        if self.volume_name:
+            parts.append(f"volume {self.volume_name!r}")
+        parts.append(f"uuid {self.uuid}")
+        parts.append(f"{_human(size)} ({size} bytes)")
+        parts.append(f"block size {self.block_size}")
+        parts.append(f"{self.inodes} inodes")
+        parts.append("features " + (",".join(self.features) if self.features else "none"))
+        return ", ".join(parts)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_superblock(head: bytes, size: int) -> Superblock:
+    """Check the EROFS superblock in the first bytes of a file of ``size`` bytes."""
+    end = SUPERBLOCK_OFFSET + _SUPERBLOCK.size
+    if size < end or len(head) < end:
+        raise NotErofs(f"too small for an EROFS superblock ({size} bytes)")
+    (
+        magic, _csum, compat, blkszbits, _ext, _root, inos, build_time, _nsec,
+        blocks, _meta, _xattr, raw_uuid, raw_name, incompat,
+    ) = _SUPERBLOCK.unpack_from(head, SUPERBLOCK_OFFSET)  # fmt: skip
+    if magic != EROFS_MAGIC:
+        raise NotErofs(f"no EROFS magic at byte {SUPERBLOCK_OFFSET} (found {magic:#010x})")
+    if not 9 <= blkszbits <= 16:
+        raise NotErofs(f"implausible block size 2^{blkszbits}")
+    block_size = 1 << blkszbits
+    if blocks == 0 or blocks * block_size > size:
+        raise NotErofs(f"superblock claims {blocks} blocks of {block_size}, file has {size} bytes")
+    if size % MIN_BLOCK:
+        raise NotErofs(f"size {size} is not a multiple of {MIN_BLOCK} bytes")
+    features = [n for bit, n in _COMPAT.items() if compat & bit]
+    features += [n for bit, n in _INCOMPAT.items() if incompat & bit]
+    unknown = incompat & ~sum(_INCOMPAT)
+    if unknown:
+        features.append(f"incompat:{unknown:#x}")
+    return Superblock(
+        block_size=block_size,
+        blocks=blocks,
+        inodes=inos,
+        build_time=build_time,
+        uuid=str(uuid.UUID(bytes=raw_uuid)),
+        volume_name=raw_name.split(b"\0", 1)[0].decode("utf-8", "replace"),
+        features=tuple(features),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    name: str
+    path: Path  # resolved, inside the export root
+    size: int
+    superblock: Superblock
+
+    @property
+    def description(self) -> str:
+        return self.superblock.describe(self.size)
+
+
+def export_name(relative: str) -> str:
+    return relative[: -len(SUFFIX)] if relative.endswith(SUFFIX) else relative
+
+
+class ExportDirectory:
+    """Every EROFS image below ``root``; never anything outside it."""
+
+    def __init__(self, root: Path, *, default_export: str | None = None) -> None:
+        self.root = root.resolve(strict=True)
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"{root} is not a directory")
+        self.default_export = default_export
+        self._cache: dict[tuple[int, int, int, int], Superblock | str] = {}
+        self._warned: set[str] = set()
+
+    def scan(self) -> dict[str, Export]:
+        """Walk the tree now (blocking: call it from a worker thread)."""
+        found: dict[str, Export] = {}
+        seen: set[tuple[int, int, int, int]] = set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                path = Path(dirpath, filename)
+                export = self._consider(path, seen)
+                if export is not None:
+                    found.setdefault(export.name, export)
+        # forget files that are gone, so a re-added bad file is warned about again
+        self._cache = {k: v for k, v in self._cache.items() if k in seen}
+        return found
+
+    def _consider(self, path: Path, seen: set[tuple[int, int, int, int]]) -> Export | None:
+        relative = path.relative_to(self.root).as_posix()
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            return None  # dangling link, or removed while we looked
+        if not real.is_relative_to(self.root):
+            self._warn_once(relative, f"{relative}: links outside {self.root}; not served")
+            return None
+        try:
+            st = real.stat()
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        seen.add(key)
+        cached = self._cache.get(key)
+        if cached is None:
+            try:
+                with real.open("rb") as f:
+                    cached = parse_superblock(f.read(SUPERBLOCK_OFFSET + 256), st.st_size)
+            except NotErofs as exc:
+                cached = str(exc)
+                log.warning("%s: not served: %s", relative, exc)
+            except OSError as exc:
+                log.warning("%s: not served: %s", relative, exc.strerror or exc)
+                return None
+            self._cache[key] = cached
+        if isinstance(cached, str):
+            return None
+        name = export_name(relative)
+        if ".." in name.split("/") or name.startswith("/"):
+            return None
+        return Export(name=name, path=real, size=st.st_size, superblock=cached)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def resolve_name(self, name: str, exports: dict[str, Export]) -> Export | str:
+        """The export a client's name selects, or a message saying why there is none."""
+        if name == "":
+            if self.default_export is not None:
+                name = self.default_export
+            elif len(exports) == 1:
+                return next(iter(exports.values()))
+            else:
+                names = ", ".join(sorted(exports)[:10]) or "none"
+                return (
+                    f"no default export: {len(exports)} images are served ({names}); "
+                    "name one, or start the server with --default-export NAME"
+                )
+        export = exports.get(name)
+        if export is None:
+            return f"no export named {name!r}; list them with NBD_OPT_LIST (nbdinfo --list)"
+        return export

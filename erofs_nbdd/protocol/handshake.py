@@ -1,0 +1,112 @@
+"""The fixed-newstyle handshake as two explicit state machines, one per side.
+
+Rules (doc/proto.md "Fixed newstyle negotiation"):
+
+* The server greets; the client answers with its flags; then the client sends one option at a
+  time and MUST NOT send the next before the final reply (ACK or an error) to the previous one.
+* A final ACK to GO, or the EXPORT_NAME reply, starts transmission; ACK to ABORT ends the
+  session; ACK to STARTTLS hands the stream over to TLS, after which nothing negotiated before
+  survives (structured replies and meta contexts are forgotten).
+* Every transition is in ``AFTER_ACK`` or written at the one place a state changes. A call or
+  a message that does not fit the current state raises, and the machine stays in ERROR.
+
+Neither machine does I/O: feed received bytes with ``receive_data``, pull ``next_event``, and
+write the bytes that the ``send_*``/``opt_*`` methods return. This module holds what both sides
+share: the states, the negotiated settings, and the parsers of option payloads.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from . import wire
+from .constants import MAX_STRING, Opt, Rep
+
+
+class State(enum.Enum):
+    AWAIT_GREETING = "await greeting"  # client only
+    AWAIT_CLIENT_FLAGS = "await client flags"  # server: greeting sent; client: must send flags
+    OPTIONS = "options"  # server: waiting for an option; client: free to send one
+    REPLYING = "replying"  # an option is open: its final reply has not been sent/received
+    TLS_HANDOVER = "tls handover"  # STARTTLS acknowledged; TLS must start before anything else
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+# Where a final ACK leads; any other option returns to OPTIONS.
+AFTER_ACK = {Opt.GO: State.TRANSMISSION, Opt.ABORT: State.CLOSED, Opt.STARTTLS: State.TLS_HANDOVER}
+# Reply types that may precede the final reply of each option (client-side check).
+PARTIAL_REPLIES = {
+    Rep.SERVER: {Opt.LIST},
+    Rep.INFO: {Opt.INFO, Opt.GO},
+    Rep.META_CONTEXT: {Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT},
+}
+
+#: Longest option payload a server accepts: our largest legitimate option is a
+#: SET_META_CONTEXT with a few queries; nbdkit allows 64 MiB, but nothing here needs it.
+DEFAULT_MAX_OPTION_LENGTH = 16 * 1024
+#: Longest option reply a client accepts (a description plus a name fit easily).
+MAX_OPTION_REPLY_LENGTH = 1024 * 1024
+
+
+@dataclass
+class Negotiated:
+    """State that the handshake settles and transmission depends on."""
+
+    structured_replies: bool = False
+    #: Meta contexts selected by SET_META_CONTEXT, by id, valid for ``meta_export`` only.
+    meta_contexts: dict[int, str] = field(default_factory=dict)
+    meta_export: str | None = None
+    tls: bool = False
+    no_zeroes: bool = False
+
+
+def decode_name(raw: bytes, what: str) -> str:
+    if len(raw) > MAX_STRING:
+        raise ValueError(f"{what} is {len(raw)} bytes; the limit is {MAX_STRING}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} is not valid UTF-8") from exc
+
+
+def read_string(data: bytes, pos: int, what: str) -> tuple[str, int]:
+    """Parse a 32-bit length and that many bytes at ``pos``; return the text and next pos."""
+    if pos + 4 > len(data):
+        raise ValueError(f"{what} length runs past the end of the option")
+    (n,) = wire.U32.unpack_from(data, pos)
+    pos += 4
+    if n > len(data) - pos:
+        raise ValueError(f"{what} runs past the end of the option")
+    return decode_name(data[pos : pos + n], what), pos + n
+
+
+def parse_info_request(data: bytes) -> tuple[str, tuple[int, ...]]:
+    """Payload of INFO/GO: name and the information types asked for."""
+    name, pos = read_string(data, 0, "export name")
+    if pos + 2 > len(data):
+        raise ValueError("information request count is missing")
+    (count,) = wire.U16.unpack_from(data, pos)
+    pos += 2
+    if len(data) - pos != 2 * count:
+        raise ValueError(f"{count} information requests do not match the option length")
+    requests = tuple(wire.U16.unpack_from(data, pos + 2 * i)[0] for i in range(count))
+    return name, requests
+
+
+def parse_meta_context_request(data: bytes) -> tuple[str, tuple[str, ...]]:
+    """Payload of LIST/SET_META_CONTEXT: export name and the queries."""
+    name, pos = read_string(data, 0, "export name")
+    if pos + 4 > len(data):
+        raise ValueError("query count is missing")
+    (count,) = wire.U32.unpack_from(data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        query, pos = read_string(data, pos, "meta context query")
+        queries.append(query)
+    if pos != len(data):
+        raise ValueError("trailing bytes after the meta context queries")
+    return name, tuple(queries)

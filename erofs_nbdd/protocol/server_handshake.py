@@ -1,0 +1,248 @@
+"""The server side of the handshake: parses options, checks the order of our replies."""
+
+from __future__ import annotations
+
+from . import wire
+from .constants import IHAVEOPT, MAX_STRING, ClientFlag, HandshakeFlag, Info, Opt, Rep
+from .errors import LocalProtocolError, RemoteProtocolError
+from .events import (
+    NEED_DATA,
+    AbortOption,
+    ClientFlags,
+    ExportNameOption,
+    InfoOption,
+    InvalidOption,
+    ListOption,
+    MetaContextOption,
+    NeedData,
+    OptionEvent,
+    StartTLSOption,
+    StructuredReplyOption,
+    UnsupportedOption,
+)
+from .handshake import (
+    AFTER_ACK,
+    DEFAULT_MAX_OPTION_LENGTH,
+    Negotiated,
+    State,
+    decode_name,
+    parse_info_request,
+    parse_meta_context_request,
+)
+
+
+class ServerHandshake:
+    """The server side: parses options, checks the order of our replies."""
+
+    def __init__(self, *, max_option_length: int = DEFAULT_MAX_OPTION_LENGTH) -> None:
+        self.state = State.AWAIT_CLIENT_FLAGS
+        self.negotiated = Negotiated()
+        self.client_flags = 0
+        self._max_option_length = max_option_length
+        self._buffer = wire.Buffer()
+        self._option: Opt | int | None = None  # the open option while REPLYING
+        self._info_export_sent = False
+        self._pending_contexts: dict[int, str] = {}
+        self._pending_meta_export: str | None = None
+        self._must_error = False
+
+    # -- input ----------------------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        return wire.greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer.feed(data)
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received past the end of the handshake, which belong to what comes next."""
+        return self._buffer.peek(len(self._buffer))
+
+    def next_event(self) -> ClientFlags | OptionEvent | NeedData:
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def _next_event(self) -> ClientFlags | OptionEvent | NeedData:
+        if self.state is State.AWAIT_CLIENT_FLAGS:
+            if len(self._buffer) < 4:
+                return NEED_DATA
+            (flags,) = wire.CLIENT_FLAGS.unpack(self._buffer.take(4))
+            known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+            if flags & ~int(known):
+                raise RemoteProtocolError(f"client sent unknown flags {flags:#x}")
+            if not flags & ClientFlag.C_FIXED_NEWSTYLE:
+                raise RemoteProtocolError("client does not speak fixed newstyle negotiation")
+            self.client_flags = flags
+            self.negotiated.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+            self.state = State.OPTIONS
+            return ClientFlags(flags)
+        if self.state is not State.OPTIONS:
+            return NEED_DATA
+        if len(self._buffer) < wire.OPTION_HEADER.size:
+            return NEED_DATA
+        magic, opt, length = wire.OPTION_HEADER.unpack(self._buffer.peek(wire.OPTION_HEADER.size))
+        if magic != IHAVEOPT:
+            raise RemoteProtocolError(f"bad option magic {magic:#x}")
+        if length > self._max_option_length:
+            raise RemoteProtocolError(
+                f"option {opt} carries {length} bytes; the limit is {self._max_option_length}"
+            )
+        if len(self._buffer) < wire.OPTION_HEADER.size + length:
+            return NEED_DATA
+        self._buffer.skip(wire.OPTION_HEADER.size)
+        data = self._buffer.take(length)
+        event = self._parse_option(opt, data)
+        self._open(opt, event)
+        return event
+
+    def _parse_option(self, opt: int, data: bytes) -> OptionEvent:
+        try:
+            return self._parse_known_option(opt, data)
+        except ValueError as exc:
+            return InvalidOption(opt, str(exc))
+
+    def _parse_known_option(self, opt: int, data: bytes) -> OptionEvent:
+        if opt == Opt.EXPORT_NAME:
+            # EXPORT_NAME cannot be answered with an error: a bad name ends the session.
+            try:
+                return ExportNameOption(decode_name(data, "export name"))
+            except ValueError as exc:
+                raise RemoteProtocolError(str(exc)) from exc
+        if opt == Opt.ABORT:
+            return AbortOption()  # the spec says to ignore any data
+        if opt in (Opt.LIST, Opt.STARTTLS, Opt.STRUCTURED_REPLY):
+            if data:
+                raise ValueError(f"{Opt(opt).name} takes no data, got {len(data)} bytes")
+            if opt == Opt.LIST:
+                return ListOption()
+            if opt == Opt.STARTTLS:
+                if self.negotiated.tls:
+                    raise ValueError("TLS is already active")
+                return StartTLSOption()
+            return StructuredReplyOption()
+        if opt in (Opt.INFO, Opt.GO):
+            name, requests = parse_info_request(data)
+            return InfoOption(name, requests, go=opt == Opt.GO)
+        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            name, queries = parse_meta_context_request(data)
+            if not self.negotiated.structured_replies:
+                raise ValueError("meta contexts need NBD_OPT_STRUCTURED_REPLY first")
+            return MetaContextOption(name, queries, set=opt == Opt.SET_META_CONTEXT)
+        return UnsupportedOption(opt)
+
+    def _open(self, opt: int, event: OptionEvent) -> None:
+        self.state = State.REPLYING
+        self._option = Opt(opt) if opt in Opt._value2member_map_ else opt
+        self._info_export_sent = False
+        self._pending_contexts = {}
+        self._pending_meta_export = None
+        self._must_error = isinstance(event, InvalidOption | UnsupportedOption)
+
+    # -- replies --------------------------------------------------------------------------
+
+    def _require(self, *options: Opt) -> int:
+        if self.state is not State.REPLYING or self._option not in options:
+            self.state = State.ERROR
+            wanted = "/".join(o.name for o in options)
+            raise LocalProtocolError(f"no {wanted} option is awaiting a reply ({self.state})")
+        assert self._option is not None
+        return int(self._option)
+
+    def _open_option(self) -> int:
+        if self.state is not State.REPLYING or self._option is None:
+            self.state = State.ERROR
+            raise LocalProtocolError("no option is awaiting a reply")
+        return int(self._option)
+
+    def send_server(self, name: str, description: str = "") -> bytes:
+        opt = self._require(Opt.LIST)
+        return wire.option_reply(
+            opt, Rep.SERVER, wire.rep_server(name.encode(), description.encode())
+        )
+
+    def send_info_export(self, size: int, flags: int) -> bytes:
+        opt = self._require(Opt.INFO, Opt.GO)
+        self._info_export_sent = True
+        return wire.option_reply(opt, Rep.INFO, wire.info_export(size, flags))
+
+    def send_info_name(self, name: str) -> bytes:
+        opt = self._require(Opt.INFO, Opt.GO)
+        return wire.option_reply(opt, Rep.INFO, wire.info_text(Info.NAME, name.encode()))
+
+    def send_info_description(self, description: str) -> bytes:
+        opt = self._require(Opt.INFO, Opt.GO)
+        text = description.encode()[:MAX_STRING]
+        return wire.option_reply(opt, Rep.INFO, wire.info_text(Info.DESCRIPTION, text))
+
+    def send_info_block_size(self, minimum: int, preferred: int, maximum: int) -> bytes:
+        opt = self._require(Opt.INFO, Opt.GO)
+        return wire.option_reply(opt, Rep.INFO, wire.info_block_size(minimum, preferred, maximum))
+
+    def send_meta_context(self, context_id: int, name: str, export: str) -> bytes:
+        opt = self._require(Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT)
+        if opt == Opt.SET_META_CONTEXT:
+            self._pending_contexts[context_id] = name
+            self._pending_meta_export = export
+        return wire.option_reply(
+            opt, Rep.META_CONTEXT, wire.rep_meta_context(context_id, name.encode())
+        )
+
+    def send_ack(self) -> bytes:
+        """The final ACK to the open option; the state it leads to follows the spec."""
+        opt = self._open_option()
+        if self._must_error:
+            self.state = State.ERROR
+            raise LocalProtocolError(f"option {opt} was malformed or unknown; ACK is not allowed")
+        if opt in (Opt.INFO, Opt.GO) and not self._info_export_sent:
+            self.state = State.ERROR
+            raise LocalProtocolError("NBD_INFO_EXPORT must be sent before ACK")
+        if opt == Opt.EXPORT_NAME:
+            self.state = State.ERROR
+            raise LocalProtocolError("EXPORT_NAME is answered with send_export_name_reply")
+        if opt == Opt.STRUCTURED_REPLY:
+            self.negotiated.structured_replies = True
+        elif opt == Opt.SET_META_CONTEXT:
+            self.negotiated.meta_contexts = self._pending_contexts
+            self.negotiated.meta_export = self._pending_meta_export
+        self.state = AFTER_ACK.get(Opt(opt), State.OPTIONS)
+        self._option = None
+        return wire.option_reply(opt, Rep.ACK)
+
+    def send_error(self, rep: Rep, message: str = "") -> bytes:
+        """A final error reply; the client may go on with another option."""
+        opt = self._open_option()
+        if not rep.is_error:
+            raise LocalProtocolError(f"{rep.name} is not an error reply")
+        if opt == Opt.EXPORT_NAME:
+            self.state = State.ERROR
+            raise LocalProtocolError("EXPORT_NAME cannot be refused with an error; close instead")
+        if opt == Opt.SET_META_CONTEXT:
+            # A failed SET leaves no context selected (spec: it replaces the selection).
+            self.negotiated.meta_contexts = {}
+            self.negotiated.meta_export = None
+        self.state = State.OPTIONS
+        self._option = None
+        return wire.option_reply(opt, rep, message.encode()[:MAX_STRING])
+
+    def send_export_name_reply(self, size: int, flags: int) -> bytes:
+        self._require(Opt.EXPORT_NAME)
+        self.state = State.TRANSMISSION
+        self._option = None
+        return wire.export_name_reply(size, flags, no_zeroes=self.negotiated.no_zeroes)
+
+    def start_tls(self) -> None:
+        """Call once TLS is about to start: plaintext already buffered here is an injection
+        attempt, and everything negotiated in plaintext is forgotten."""
+        if self.state is not State.TLS_HANDOVER:
+            raise LocalProtocolError(f"STARTTLS was not acknowledged ({self.state})")
+        if len(self._buffer):
+            self.state = State.ERROR
+            raise RemoteProtocolError(
+                f"client sent {len(self._buffer)} plaintext bytes after STARTTLS"
+            )
+        self.negotiated = Negotiated(tls=True, no_zeroes=self.negotiated.no_zeroes)
+        self.state = State.OPTIONS

@@ -1,0 +1,303 @@
+"""The transmission phase, both sides: framing of requests and replies, and the request rules.
+
+Rules (doc/proto.md "Transmission"): requests carry a cookie the reply echoes; replies may come
+in any order; a WRITE's payload follows its header; with structured replies negotiated, every
+reply with a payload is a chunk and READ never gets a simple reply. ``check_request`` holds the
+"SHOULD reply EINVAL/EPERM" rules so the server's policy layer never re-derives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import wire
+from .constants import (
+    DEFAULT_MAX_PAYLOAD,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+from .errors import LocalProtocolError, RemoteProtocolError
+from .events import (
+    NEED_DATA,
+    BlockStatusChunk,
+    DataChunk,
+    Disconnect,
+    ErrorChunk,
+    HoleChunk,
+    NeedData,
+    NoneChunk,
+    ReplyEvent,
+    Request,
+    SimpleReply,
+)
+
+if TYPE_CHECKING:
+    from .handshake import Negotiated
+
+# Command flags each command may carry; anything else is EINVAL.
+_ALLOWED_FLAGS = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag(0),
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+_WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+
+
+@dataclass(frozen=True, slots=True)
+class ExportLimits:
+    """What the server promised about one export during the handshake."""
+
+    size: int
+    flags: int
+    min_block: int = 1
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+
+def check_request(req: Request, limits: ExportLimits, negotiated: Negotiated) -> tuple[Errno, str]:
+    """The error a request must get before any data is touched, or ``(Errno.OK, "")``."""
+    try:
+        cmd = Cmd(req.cmd)
+        allowed = _ALLOWED_FLAGS[cmd]
+    except (ValueError, KeyError):
+        return Errno.EINVAL, f"unknown command {req.cmd}"
+    if cmd is Cmd.READ and not negotiated.structured_replies:
+        allowed = CmdFlag(0)  # DF only means something with structured replies
+    if req.flags & ~int(allowed):
+        return Errno.EINVAL, f"flags {req.flags:#x} are not valid on {cmd.name}"
+    if cmd in _WRITES and limits.flags & TransmissionFlag.READ_ONLY:
+        return Errno.EPERM, "the export is read-only"
+    if cmd is Cmd.FLUSH:
+        if req.offset or req.length:
+            return Errno.EINVAL, "FLUSH must have offset and length 0"
+        return Errno.OK, ""
+    if req.offset > limits.size or req.length > limits.size - req.offset:
+        return Errno.EINVAL, f"{req.length} bytes at {req.offset} run past the end ({limits.size})"
+    if req.offset % limits.min_block or req.length % limits.min_block:
+        return Errno.EINVAL, f"not aligned to the minimum block size {limits.min_block}"
+    if cmd in (Cmd.READ, Cmd.WRITE) and req.length > limits.max_payload:
+        return Errno.EINVAL, f"{req.length} bytes exceed the maximum payload {limits.max_payload}"
+    if cmd is Cmd.BLOCK_STATUS and not negotiated.meta_contexts:
+        return Errno.EINVAL, "BLOCK_STATUS needs a meta context (NBD_OPT_SET_META_CONTEXT)"
+    return Errno.OK, ""
+
+
+class ServerTransmission:
+    """Parses requests, frames replies in the negotiated style."""
+
+    def __init__(self, negotiated: Negotiated, *, max_write_payload: int = DEFAULT_MAX_PAYLOAD):
+        self.negotiated = negotiated
+        self.closed = False
+        self._max_write = max_write_payload
+        self._buffer = wire.Buffer()
+        self._skipping: Request | None = None  # a WRITE whose payload is being dropped
+        self._skip_left = 0
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closed:  # the client MUST NOT send after DISC; ignore it if it does
+            self._buffer.feed(data)
+
+    def next_event(self) -> Request | Disconnect | NeedData:
+        if self._skipping is not None:
+            self._skip_left -= self._buffer.skip(self._skip_left)
+            if self._skip_left:
+                return NEED_DATA
+            req, self._skipping = self._skipping, None
+            return req
+        if self.closed or len(self._buffer) < wire.REQUEST.size:
+            return NEED_DATA
+        magic, flags, type_, cookie, offset, length = wire.REQUEST.unpack(
+            self._buffer.take(wire.REQUEST.size)
+        )
+        if magic != REQUEST_MAGIC:
+            self.closed = True
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        if type_ == Cmd.DISC:
+            self.closed = True
+            return Disconnect(cookie)
+        req = Request(type_, flags, cookie, offset, length)
+        if type_ == Cmd.WRITE and length:
+            if length > self._max_write:
+                self.closed = True
+                raise RemoteProtocolError(f"WRITE payload of {length} bytes is over the limit")
+            self._skipping, self._skip_left = req, length
+            return self.next_event()
+        return req
+
+    def pending_bytes(self) -> int:
+        """Bytes buffered but not yet parsed (a partial request)."""
+        return len(self._buffer)
+
+    # -- replies: headers only; READ data is written right after, unchanged ---------------
+
+    def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        if self.negotiated.structured_replies:
+            if length == 0:
+                return wire.done_chunk(cookie)
+            return wire.offset_data_header(cookie, offset, length, done=True)
+        return wire.simple_reply(cookie)
+
+    def ok_reply(self, cookie: int) -> bytes:
+        if self.negotiated.structured_replies:
+            return wire.done_chunk(cookie)
+        return wire.simple_reply(cookie)
+
+    def error_reply(self, cookie: int, error: Errno, message: str = "") -> bytes:
+        if error is Errno.OK:
+            raise LocalProtocolError("an error reply needs an error")
+        if self.negotiated.structured_replies:
+            return wire.error_chunk(cookie, error, message.encode()[:4096])
+        return wire.simple_reply(cookie, error)
+
+    def block_status_reply(
+        self, cookie: int, per_context: list[tuple[int, list[tuple[int, int]]]]
+    ) -> bytes:
+        if not self.negotiated.structured_replies:
+            raise LocalProtocolError("BLOCK_STATUS needs structured replies")
+        last = len(per_context) - 1
+        return b"".join(
+            wire.block_status_chunk(cookie, cid, extents, done=i == last)
+            for i, (cid, extents) in enumerate(per_context)
+        )
+
+
+@dataclass(slots=True)
+class _InFlight:
+    cmd: int
+    offset: int
+    length: int
+
+
+class ClientTransmission:
+    """Frames requests, matches replies to them by cookie."""
+
+    def __init__(self, negotiated: Negotiated, *, max_reply_payload: int = DEFAULT_MAX_PAYLOAD):
+        self.negotiated = negotiated
+        self._max_reply = max_reply_payload + 4096
+        self._buffer = wire.Buffer()
+        self._next_cookie = 1
+        self._in_flight: dict[int, _InFlight] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def request(
+        self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b""
+    ) -> tuple[int, bytes]:
+        """A request and the cookie its reply will carry."""
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        self._in_flight[cookie] = _InFlight(cmd, offset, length)
+        return cookie, wire.request(cmd, cookie, offset, length, flags) + payload
+
+    def disconnect(self) -> bytes:
+        return wire.request(Cmd.DISC, 0, 0, 0)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._buffer.feed(data)
+
+    def next_event(self) -> ReplyEvent | NeedData:
+        if len(self._buffer) < 4:
+            return NEED_DATA
+        (magic,) = wire.U32.unpack(self._buffer.peek(4))
+        if magic == SIMPLE_REPLY_MAGIC:
+            return self._simple()
+        if magic == STRUCTURED_REPLY_MAGIC:
+            if not self.negotiated.structured_replies:
+                raise RemoteProtocolError("structured reply without negotiating it")
+            return self._chunk()
+        raise RemoteProtocolError(f"bad reply magic {magic:#x}")
+
+    def _lookup(self, cookie: int) -> _InFlight:
+        try:
+            return self._in_flight[cookie]
+        except KeyError:
+            raise RemoteProtocolError(f"reply for unknown cookie {cookie:#x}") from None
+
+    def _simple(self) -> SimpleReply | NeedData:
+        if len(self._buffer) < wire.SIMPLE_REPLY.size:
+            return NEED_DATA
+        _, error, cookie = wire.SIMPLE_REPLY.unpack(self._buffer.peek(wire.SIMPLE_REPLY.size))
+        req = self._lookup(cookie)
+        data_len = req.length if req.cmd == Cmd.READ and error == 0 else 0
+        if req.cmd == Cmd.READ and self.negotiated.structured_replies:
+            raise RemoteProtocolError("simple reply to READ after structured replies were agreed")
+        if len(self._buffer) < wire.SIMPLE_REPLY.size + data_len:
+            return NEED_DATA
+        self._buffer.skip(wire.SIMPLE_REPLY.size)
+        del self._in_flight[cookie]
+        return SimpleReply(cookie, error, self._buffer.take(data_len))
+
+    def _chunk(self) -> ReplyEvent | NeedData:
+        if len(self._buffer) < wire.CHUNK_HEADER.size:
+            return NEED_DATA
+        _, flags, type_, cookie, length = wire.CHUNK_HEADER.unpack(
+            self._buffer.peek(wire.CHUNK_HEADER.size)
+        )
+        req = self._lookup(cookie)
+        if length > self._max_reply:
+            raise RemoteProtocolError(f"reply chunk of {length} bytes is too long")
+        if len(self._buffer) < wire.CHUNK_HEADER.size + length:
+            return NEED_DATA
+        self._buffer.skip(wire.CHUNK_HEADER.size)
+        payload = self._buffer.take(length)
+        done = bool(flags & ReplyFlag.DONE)
+        if done:
+            del self._in_flight[cookie]
+        try:
+            return self._parse_chunk(type_, cookie, payload, done, req)
+        except (ValueError, IndexError) as exc:
+            raise RemoteProtocolError(f"malformed reply chunk type {type_}: {exc}") from exc
+
+    def _parse_chunk(
+        self, type_: int, cookie: int, payload: bytes, done: bool, req: _InFlight
+    ) -> ReplyEvent:
+        if type_ == ReplyType.NONE:
+            if payload:
+                raise ValueError("NONE chunk with a payload")
+            return NoneChunk(cookie, done)
+        if type_ == ReplyType.OFFSET_DATA:
+            (offset,) = wire.U64.unpack_from(payload)
+            data = payload[8:]
+            _check_inside(req, offset, len(data))
+            return DataChunk(cookie, offset, data, done)
+        if type_ == ReplyType.OFFSET_HOLE:
+            offset, size = (wire.U64.unpack_from(payload)[0], wire.U32.unpack_from(payload, 8)[0])
+            _check_inside(req, offset, size)
+            return HoleChunk(cookie, offset, size, done)
+        if type_ == ReplyType.BLOCK_STATUS:
+            (context_id,) = wire.U32.unpack_from(payload)
+            if (len(payload) - 4) % 8:
+                raise ValueError("extents are not whole")
+            extents = tuple(
+                wire.EXTENT.unpack_from(payload, 4 + 8 * i) for i in range((len(payload) - 4) // 8)
+            )
+            return BlockStatusChunk(cookie, context_id, extents, done)
+        if type_ in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+            error, msg_len = wire.ERROR_CHUNK.unpack_from(payload)
+            message = payload[6 : 6 + msg_len].decode("utf-8", "replace")
+            offset = None
+            if type_ == ReplyType.ERROR_OFFSET:
+                (offset,) = wire.U64.unpack_from(payload, 6 + msg_len)
+            return ErrorChunk(cookie, error, message, offset, done)
+        if type_ & (1 << 15):  # unknown error chunk types are still errors
+            error, msg_len = wire.ERROR_CHUNK.unpack_from(payload)
+            return ErrorChunk(cookie, error or Errno.EINVAL, "", None, done)
+        raise ValueError(f"unknown chunk type {type_}")
+
+
+def _check_inside(req: _InFlight, offset: int, length: int) -> None:
+    if offset < req.offset or offset + length > req.offset + req.length:
+        raise ValueError(f"chunk at {offset}+{length} lies outside the request")

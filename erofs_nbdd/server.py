@@ -1,0 +1,216 @@
+"""The listening side: accept loops, the connection limit, logging, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from .connection import ClientGone, Connection, LimitExceeded
+from .exports import ExportDirectory
+from .protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
+log = logging.getLogger("erofs_nbdd.server")
+
+
+class ListenError(ValueError):
+    """A --listen value that cannot be used; the message says how to write it."""
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    family: str  # "tcp" or "unix"
+    host: str | None = None
+    port: int = 0
+    path: str = ""
+
+
+def parse_listen(text: str, default_port: int = 10809) -> ListenSpec:
+    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` (all addresses) or ``unix:PATH``."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ListenError("unix: needs a path, e.g. unix:/run/erofs-nbdd.sock")
+        return ListenSpec("unix", path=path)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ListenError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+        if ":" in host:
+            raise ListenError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ListenError(f"{text!r}: the port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise ListenError(f"{text!r}: the port must be 0..65535")
+    return ListenSpec("tcp", host=host or None, port=port)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket file left by an earlier run would make bind() fail; anything else stays."""
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+async def open_listeners(spec: ListenSpec) -> list[trio.SocketListener]:
+    if spec.family == "tcp":
+        return await trio.open_tcp_listeners(spec.port, host=spec.host)
+    path = Path(spec.path)
+    _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(str(path))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
+def describe_listener(listener: trio.SocketListener) -> str:
+    name = listener.socket.getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, str) or not name:
+        return "unix"
+    return f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}"
+
+
+class Server:
+    """One server: its listeners, its connections, and how it stops."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.exports = ExportDirectory(config.root, default_export=config.default_export)
+        self.connections: set[Connection] = set()
+        self._accepting = trio.CancelScope()
+        self._grace = trio.CancelScope()
+        self._next_id = 0
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until ``shutdown`` (or cancellation); ``started`` gets the addresses."""
+        config = self.config
+        found = await trio.to_thread.run_sync(self.exports.scan)
+        log.info(
+            "serving %d export(s) from %s: %s",
+            len(found), self.exports.root, ", ".join(found) or "-",
+        )  # fmt: skip
+        if config.default_export is not None and config.default_export not in found:
+            log.warning("--default-export %r names no export (yet)", config.default_export)
+        listeners: list[trio.SocketListener] = []
+        try:
+            for text in config.listen:
+                listeners += await open_listeners(parse_listen(text))
+        except BaseException:
+            for lst in listeners:
+                await lst.aclose()
+            raise
+        addresses = [describe_listener(lst) for lst in listeners]
+        log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
+        with self._grace:
+            async with trio.open_nursery() as connections:
+                with self._accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for lst in listeners:
+                            acceptors.start_soon(self._accept, lst, connections)
+                        task_status.started(addresses)
+                if self.connections:
+                    log.info("stopped accepting; %d connection(s) finishing", len(self.connections))
+        log.info("server stopped")
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.handle, stream)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self._next_id += 1
+        peer = f"#{self._next_id} {_peer_name(stream)}"
+        if len(self.connections) >= self.config.limits.max_connections:
+            log.warning("%s: refused: %d connections already (limit)", peer, len(self.connections))
+            await trio.aclose_forcefully(stream)
+            return
+        conn = Connection(stream, peer, self.config, self.exports)
+        self.connections.add(conn)
+        start = time.monotonic()
+        level = logging.WARNING  # a connection that ended badly is worth a warning
+        try:
+            await conn.run()
+            level = logging.INFO
+        except trio.TooSlowError:
+            conn.stats.ended = "handshake timeout (limit)"
+        except LimitExceeded as exc:
+            conn.stats.ended = f"limit: {exc}"
+        except ClientGone as exc:
+            if conn.stats.ended == "closed":
+                conn.stats.ended = str(exc)
+            level = logging.INFO
+        except ProtocolError as exc:
+            conn.stats.ended = f"protocol error: {exc}"
+        except trio.Cancelled:
+            conn.stats.ended = "server shutdown (grace period over)"
+            raise
+        except Exception as exc:  # one client's bug must never take the server down
+            log.exception("%s: internal error", peer)
+            conn.stats.ended = f"internal error: {exc!r}"
+        finally:
+            self.connections.discard(conn)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await trio.aclose_forcefully(conn.stream)
+            s = conn.stats
+            log.log(
+                level,
+                "%s export=%s requests=%d bytes_read=%d errors=%d duration=%.3fs ended=%s",
+                peer, s.export, s.requests, s.bytes_read, s.errors,
+                time.monotonic() - start, s.ended,
+            )  # fmt: skip
+
+    def shutdown(self) -> None:
+        """Stop accepting, stop reading new requests, give in-flight ones the grace period."""
+        self._accepting.cancel()
+        for conn in list(self.connections):
+            conn.stop()
+        self._grace.deadline = trio.current_time() + self.config.limits.shutdown_grace
+
+
+async def serve(
+    config: ServerConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a ``Server`` for ``config`` until cancelled."""
+    await Server(config).run(task_status=task_status)

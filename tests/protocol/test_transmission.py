@@ -1,0 +1,224 @@
+"""Transmission framing on both sides, and the request rules of check_request."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from erofs_nbdd.protocol import (
+    NEED_DATA,
+    ClientTransmission,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ExportLimits,
+    LocalProtocolError,
+    Negotiated,
+    RemoteProtocolError,
+    ServerTransmission,
+    StateFlag,
+    TransmissionFlag,
+    check_request,
+    wire,
+)
+from erofs_nbdd.protocol.events import (
+    BlockStatusChunk,
+    DataChunk,
+    Disconnect,
+    ErrorChunk,
+    HoleChunk,
+    NoneChunk,
+    Request,
+    SimpleReply,
+)
+
+from .wirehelp import feed
+
+SIZE = 1 << 20
+RO = TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
+LIMITS = ExportLimits(size=SIZE, flags=RO, min_block=512, max_payload=1 << 25)
+SIMPLE = Negotiated()
+STRUCTURED = Negotiated(structured_replies=True, meta_contexts={1: "base:allocation"})
+
+RULES = [
+    # (cmd, flags, offset, length, negotiated, expected errno)
+    (Cmd.READ, 0, 0, 512, SIMPLE, Errno.OK),
+    (Cmd.READ, 0, SIZE - 512, 512, SIMPLE, Errno.OK),
+    (Cmd.READ, 0, 0, 0, SIMPLE, Errno.OK),
+    (Cmd.READ, 0, SIZE, 0, SIMPLE, Errno.OK),
+    (Cmd.READ, 0, SIZE - 512, 1024, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, 0, SIZE + 512, 512, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, 0, (1 << 64) - 512, 512, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, 0, 1, 512, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, 0, 0, 100, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, CmdFlag.DF, 0, 512, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, CmdFlag.DF, 0, 512, STRUCTURED, Errno.OK),
+    (Cmd.READ, CmdFlag.FUA, 0, 512, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, 1 << 12, 0, 512, STRUCTURED, Errno.EINVAL),
+    (Cmd.WRITE, 0, 0, 512, SIMPLE, Errno.EPERM),
+    (Cmd.WRITE, CmdFlag.FUA, SIZE * 2, 512, SIMPLE, Errno.EPERM),
+    (Cmd.TRIM, 0, 0, 4096, SIMPLE, Errno.EPERM),
+    (Cmd.WRITE_ZEROES, CmdFlag.NO_HOLE, 0, 4096, SIMPLE, Errno.EPERM),
+    (Cmd.WRITE, CmdFlag.REQ_ONE, 0, 512, SIMPLE, Errno.EINVAL),
+    (Cmd.FLUSH, 0, 0, 0, SIMPLE, Errno.OK),
+    (Cmd.FLUSH, 0, 512, 0, SIMPLE, Errno.EINVAL),
+    (Cmd.CACHE, 0, 0, SIZE, SIMPLE, Errno.OK),
+    (Cmd.CACHE, 0, 0, SIZE + 512, SIMPLE, Errno.EINVAL),
+    (Cmd.BLOCK_STATUS, 0, 0, SIZE, SIMPLE, Errno.EINVAL),
+    (Cmd.BLOCK_STATUS, CmdFlag.REQ_ONE, 0, SIZE, STRUCTURED, Errno.OK),
+    (Cmd.BLOCK_STATUS, CmdFlag.FUA, 0, SIZE, STRUCTURED, Errno.EINVAL),
+    (Cmd.RESIZE, 0, 0, 0, SIMPLE, Errno.EINVAL),
+    (99, 0, 0, 512, SIMPLE, Errno.EINVAL),
+]
+
+
+@pytest.mark.parametrize(("cmd", "flags", "offset", "length", "negotiated", "errno"), RULES)
+def test_request_rules(
+    cmd: int, flags: int, offset: int, length: int, negotiated: Negotiated, errno: Errno
+) -> None:
+    error, message = check_request(Request(cmd, flags, 7, offset, length), LIMITS, negotiated)
+    assert error is errno
+    assert bool(message) == (errno is not Errno.OK)
+
+
+def test_oversized_read_is_einval() -> None:
+    limits = ExportLimits(size=1 << 30, flags=RO, min_block=512, max_payload=1 << 20)
+    error, message = check_request(Request(Cmd.READ, 0, 1, 0, 2 << 20), limits, SIMPLE)
+    assert error is Errno.EINVAL
+    assert "maximum payload" in message
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_simple_requests_and_replies_pair(bytewise: bool) -> None:
+    client, server = ClientTransmission(Negotiated()), ServerTransmission(Negotiated())
+    c1, r1 = client.request(Cmd.READ, 0, 8)
+    c2, r2 = client.request(Cmd.WRITE, 512, 4, payload=b"abcd")
+    c3, r3 = client.request(Cmd.FLUSH)
+    events = feed(server, r1 + r2 + r3 + client.disconnect(), bytewise=bytewise)
+    assert events == [
+        Request(Cmd.READ, 0, c1, 0, 8),
+        Request(Cmd.WRITE, 0, c2, 512, 4),
+        Request(Cmd.FLUSH, 0, c3, 0, 0),
+        Disconnect(0),
+    ]
+    assert server.closed and server.pending_bytes() == 0
+    replies = (
+        server.error_reply(c2, Errno.EPERM)
+        + server.ok_reply(c3)
+        + server.read_reply_header(c1, 0, 8)
+        + b"12345678"
+    )
+    assert client.in_flight == 3
+    assert feed(client, replies, bytewise=bytewise) == [
+        SimpleReply(c2, Errno.EPERM, b""),
+        SimpleReply(c3, 0, b""),
+        SimpleReply(c1, 0, b"12345678"),
+    ]
+    assert client.in_flight == 0
+
+
+def test_structured_replies_pair() -> None:
+    negotiated = Negotiated(structured_replies=True, meta_contexts={1: "base:allocation"})
+    client, server = ClientTransmission(negotiated), ServerTransmission(negotiated)
+    c1, _ = client.request(Cmd.READ, 4096, 4)
+    c2, _ = client.request(Cmd.READ, 0, 512)
+    c3, _ = client.request(Cmd.BLOCK_STATUS, 0, 8192)
+    c4, _ = client.request(Cmd.READ, 0, 0)
+    c5, _ = client.request(Cmd.CACHE, 0, 512)
+    replies = (
+        server.read_reply_header(c1, 4096, 4)
+        + b"data"
+        + server.error_reply(c2, Errno.EIO, "disk on fire")
+        + server.block_status_reply(c3, [(1, [(4096, 0), (4096, StateFlag.HOLE | StateFlag.ZERO)])])
+        + server.read_reply_header(c4, 0, 0)
+        + server.ok_reply(c5)
+    )
+    assert feed(client, replies, bytewise=True) == [
+        DataChunk(c1, 4096, b"data", done=True),
+        ErrorChunk(c2, Errno.EIO, "disk on fire", None, done=True),
+        BlockStatusChunk(c3, 1, ((4096, 0), (4096, 3)), done=True),
+        NoneChunk(c4, done=True),
+        NoneChunk(c5, done=True),
+    ]
+    assert client.in_flight == 0
+
+
+def test_client_parses_holes_and_multi_chunk_replies() -> None:
+    negotiated = Negotiated(structured_replies=True)
+    client = ClientTransmission(negotiated)
+    cookie, _ = client.request(Cmd.READ, 0, 1024)
+    data = (
+        wire.chunk(cookie, wire.ReplyType.OFFSET_HOLE, 12, done=False)
+        + struct.pack(">QI", 0, 512)
+        + wire.offset_data_header(cookie, 512, 512, done=False)
+        + b"x" * 512
+        + wire.done_chunk(cookie)
+    )
+    assert feed(client, data) == [
+        HoleChunk(cookie, 0, 512, done=False),
+        DataChunk(cookie, 512, b"x" * 512, done=False),
+        NoneChunk(cookie, done=True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("negotiated", "reply", "match"),
+    [
+        (Negotiated(), wire.simple_reply(999), "unknown cookie"),
+        (Negotiated(), b"\xde\xad\xbe\xef" + bytes(12), "bad reply magic"),
+        (Negotiated(), wire.done_chunk(1), "without negotiating"),
+        (Negotiated(structured_replies=True), wire.simple_reply(1), "simple reply to READ"),
+        (
+            Negotiated(structured_replies=True),
+            wire.offset_data_header(1, 4096, 4, done=True) + b"abcd",
+            "outside the request",
+        ),
+        (
+            Negotiated(structured_replies=True),
+            wire.chunk(1, wire.ReplyType.OFFSET_DATA, 1 << 30, done=True),
+            "too long",
+        ),
+        (Negotiated(structured_replies=True), wire.chunk(1, 77, 0, done=True), "unknown chunk"),
+    ],
+)
+def test_client_rejects_bad_replies(negotiated: Negotiated, reply: bytes, match: str) -> None:
+    client = ClientTransmission(negotiated)
+    client.request(Cmd.READ, 0, 512)
+    client.receive_data(reply)
+    with pytest.raises(RemoteProtocolError, match=match):
+        client.next_event()
+
+
+def test_server_rejects_bad_magic_and_huge_writes() -> None:
+    server = ServerTransmission(Negotiated())
+    server.receive_data(struct.pack(">IHHQQI", 0x12345678, 0, 0, 1, 0, 512))
+    with pytest.raises(RemoteProtocolError, match="magic"):
+        server.next_event()
+    server = ServerTransmission(Negotiated(), max_write_payload=4096)
+    server.receive_data(wire.request(Cmd.WRITE, 1, 0, 8192))
+    with pytest.raises(RemoteProtocolError, match="over the limit"):
+        server.next_event()
+
+
+def test_server_ignores_bytes_after_disc_and_rejects_bad_reply_calls() -> None:
+    server = ServerTransmission(Negotiated())
+    assert feed(server, wire.request(Cmd.DISC, 5, 0, 0) + wire.request(Cmd.READ, 1, 0, 512)) == [
+        Disconnect(5)
+    ]
+    server.receive_data(b"more")
+    assert server.pending_bytes() == wire.REQUEST.size  # what came with DISC, never parsed
+    assert server.next_event() is NEED_DATA
+    with pytest.raises(LocalProtocolError):
+        server.error_reply(1, Errno.OK)
+    with pytest.raises(LocalProtocolError):
+        server.block_status_reply(1, [(1, [(512, 0)])])
+
+
+def test_error_messages_only_travel_in_structured_replies() -> None:
+    assert ServerTransmission(Negotiated()).error_reply(3, Errno.EIO, "x") == wire.simple_reply(
+        3, Errno.EIO
+    )
+    assert b"boom" in ServerTransmission(Negotiated(structured_replies=True)).error_reply(
+        3, Errno.EIO, "boom"
+    )
