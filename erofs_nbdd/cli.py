@@ -96,6 +96,14 @@ async def _serve_until_signalled(config: ServerConfig) -> None:
             # server.run returns after shutdown drains; on_signal has returned by then
 
 
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """trio reports a failure as a group; a group of one is just that failure."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -108,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
         if not args.directory.is_dir():
             parser.error(f"{args.directory} is not a directory")
-        trio.run(_serve_until_signalled, config)
+        try:
+            trio.run(_serve_until_signalled, config)
+        except BaseExceptionGroup as group:
+            raise _sole(group) from None
     except ListenError as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE

@@ -72,6 +72,15 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 async def open_listeners(spec: ListenSpec) -> list[trio.SocketListener]:
+    """Bind one --listen address; an OSError names the address and the cause."""
+    try:
+        return await _open_listeners(spec)
+    except OSError as exc:
+        where = f"unix:{spec.path}" if spec.family == "unix" else f"{spec.host or '*'}:{spec.port}"
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
+
+
+async def _open_listeners(spec: ListenSpec) -> list[trio.SocketListener]:
     if spec.family == "tcp":
         return await trio.open_tcp_listeners(spec.port, host=spec.host)
     path = Path(spec.path)

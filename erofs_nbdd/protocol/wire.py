@@ -18,7 +18,6 @@ from .constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Info,
-    Rep,
     ReplyFlag,
     ReplyType,
 )
@@ -162,7 +161,7 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
-def chunk(cookie: int, type_: ReplyType, payload_length: int, *, done: bool) -> bytes:
+def chunk(cookie: int, type_: int, payload_length: int, *, done: bool) -> bytes:
     """A structured reply chunk header; the payload follows it on the wire."""
     flags = ReplyFlag.DONE if done else 0
     return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, type_, cookie, payload_length)
@@ -191,6 +190,3 @@ def done_chunk(cookie: int) -> bytes:
 
 def is_error_rep(rep: int) -> bool:
     return bool(rep & (1 << 31))
-
-
-__all__ = ["Buffer", "Rep", "RequestHeader"]

@@ -19,6 +19,7 @@ from erofs_nbdd.protocol import (
     State,
     wire,
 )
+from erofs_nbdd.protocol.constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC
 from erofs_nbdd.protocol.events import (
     AbortOption,
     BlockSizeInfo,
@@ -280,7 +281,7 @@ def test_abort_ignores_its_data() -> None:
     ("data", "match"),
     [
         (struct.pack(">QII", 0x1234, Opt.LIST, 0), "bad option magic"),
-        (wire.OPTION_HEADER.pack(wire.IHAVEOPT, Opt.GO, 1 << 30), "limit"),
+        (wire.OPTION_HEADER.pack(IHAVEOPT, Opt.GO, 1 << 30), "limit"),
         (wire.option(Opt.EXPORT_NAME, b"\xff"), "UTF-8"),
         (wire.option(Opt.EXPORT_NAME, b"n" * 5000), "4096"),
     ],
@@ -339,7 +340,7 @@ def _client_waiting_for(opt: Opt) -> ClientHandshake:
         (Opt.LIST, wire.option_reply(Opt.LIST, Rep.SERVER, b"\0\0\0\x09ab"), "past the end"),
         (Opt.LIST, wire.option_reply(Opt.LIST, 77), "does not"),
         (Opt.LIST, wire.option_reply(Opt.LIST, Rep.ACK, b"x"), "carries data"),
-        (Opt.LIST, wire.OPTION_REPLY_HEADER.pack(wire.OPTION_REPLY_MAGIC, 3, 2, 1 << 30), "long"),
+        (Opt.LIST, wire.OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, 3, 2, 1 << 30), "long"),
     ],
 )
 def test_client_rejects_bad_replies(opt: Opt, reply: bytes, match: str) -> None:
@@ -365,9 +366,9 @@ def test_client_accepts_unknown_info_types_and_error_numbers() -> None:
 @pytest.mark.parametrize(
     ("greeting", "match"),
     [
-        (struct.pack(">QQH", 1, wire.IHAVEOPT, 3), "not an NBD server"),
-        (struct.pack(">QQH", wire.NBDMAGIC, 0x00420281861253, 3), "oldstyle"),
-        (struct.pack(">QQH", wire.NBDMAGIC, wire.IHAVEOPT, 0), "fixed newstyle"),
+        (struct.pack(">QQH", 1, IHAVEOPT, 3), "not an NBD server"),
+        (struct.pack(">QQH", NBDMAGIC, 0x00420281861253, 3), "oldstyle"),
+        (struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 0), "fixed newstyle"),
     ],
 )
 def test_client_rejects_bad_greetings(greeting: bytes, match: str) -> None:

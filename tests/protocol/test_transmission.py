@@ -22,6 +22,7 @@ from erofs_nbdd.protocol import (
     check_request,
     wire,
 )
+from erofs_nbdd.protocol.constants import ReplyType
 from erofs_nbdd.protocol.events import (
     BlockStatusChunk,
     DataChunk,
@@ -149,7 +150,7 @@ def test_client_parses_holes_and_multi_chunk_replies() -> None:
     client = ClientTransmission(negotiated)
     cookie, _ = client.request(Cmd.READ, 0, 1024)
     data = (
-        wire.chunk(cookie, wire.ReplyType.OFFSET_HOLE, 12, done=False)
+        wire.chunk(cookie, ReplyType.OFFSET_HOLE, 12, done=False)
         + struct.pack(">QI", 0, 512)
         + wire.offset_data_header(cookie, 512, 512, done=False)
         + b"x" * 512
@@ -176,7 +177,7 @@ def test_client_parses_holes_and_multi_chunk_replies() -> None:
         ),
         (
             Negotiated(structured_replies=True),
-            wire.chunk(1, wire.ReplyType.OFFSET_DATA, 1 << 30, done=True),
+            wire.chunk(1, ReplyType.OFFSET_DATA, 1 << 30, done=True),
             "too long",
         ),
         (Negotiated(structured_replies=True), wire.chunk(1, 77, 0, done=True), "unknown chunk"),

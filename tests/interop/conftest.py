@@ -1,0 +1,105 @@
+"""Our server as a real process (through the CLI), for peers nobody here wrote."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.interop
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[str]
+    address: str
+    root: Path
+    log: list[str] = field(default_factory=list)
+    drainer: threading.Thread | None = None
+
+    def uri(self, export: str = "demo") -> str:
+        return f"nbd://{self.address}/{export}"
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    def log_text(self) -> str:
+        return "".join(self.log)
+
+
+def start_server_process(root: Path, *args: str) -> RunningServer:
+    """``python -m erofs_nbdd serve`` on a free loopback port; waits until it listens."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    ready = threading.Event()
+    found: list[str] = []
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            match = re.search(r"listening on (\S+) \(pid", line)
+            if match:
+                found.append(match.group(1).rstrip(","))
+                ready.set()
+        ready.set()
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    if not ready.wait(30) or not found:
+        process.kill()
+        process.wait()
+        drainer.join(10)
+        process.stderr.close()
+        pytest.fail("server did not start:\n" + "".join(lines))
+    return RunningServer(process, found[0], root, lines, drainer)
+
+
+def stop_server_process(server: RunningServer) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        pytest.fail("server did not stop within 30 s of SIGTERM:\n" + server.log_text())
+    finally:
+        if server.drainer is not None:
+            server.drainer.join(10)
+        if server.process.stderr is not None:
+            server.process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def served(images: Path) -> Iterator[RunningServer]:
+    server = start_server_process(images)
+    yield server
+    status = stop_server_process(server)
+    text = server.log_text()
+    assert status == 0, text
+    assert "Traceback" not in text and "internal error" not in text, text
+    assert "server stopped" in text
+
+
+def run(
+    *cmd: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A peer tool; its output is part of the failure message."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        pytest.fail(f"{cmd[0]} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,147 @@
+"""libnbd's tools (nbdinfo, nbdcopy, nbdsh) against our server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import pytest
+
+from ..conftest import require_tool
+from .conftest import run
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .conftest import RunningServer
+
+pytestmark = pytest.mark.interop
+
+EXPORTS = {"demo": "demo.erofs", "team/app-v2": "team/app-v2.erofs", "alias": "alias.erofs"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nbdinfo_list(served: RunningServer) -> None:
+    out = run(require_tool("nbdinfo"), "--list", "--json", served.uri("")).stdout
+    listing = json.loads(out)
+    exports = {e["export-name"]: e for e in listing["exports"]}
+    assert sorted(exports) == sorted(EXPORTS)
+    for name, file in EXPORTS.items():
+        e = exports[name]
+        size = (served.root / file).stat().st_size
+        assert e["export-size"] == size
+        assert e["description"].startswith("EROFS, uuid ")
+        assert f"({size} bytes)" in e["description"]
+        assert e["is_read_only"] is True
+        assert e["can_multi_conn"] is True
+        assert e["block_size_minimum"] == 512
+        assert e["block_size_preferred"] == 4096
+
+
+def test_nbdinfo_json_one_export(served: RunningServer) -> None:
+    info = json.loads(run(require_tool("nbdinfo"), "--json", served.uri("team/app-v2")).stdout)
+    (export,) = info["exports"]
+    assert info["protocol"] == "newstyle-fixed"
+    assert export["export-size"] == (served.root / "team/app-v2.erofs").stat().st_size
+    assert "base:allocation" in export["contexts"]
+    assert export["can_cache"] is True
+    for flag in ("can_flush", "can_trim", "can_zero", "can_fua"):
+        assert export[flag] is False
+
+
+def test_nbdinfo_reports_unknown_export(served: RunningServer) -> None:
+    result = run(require_tool("nbdinfo"), served.uri("no/such"), check=False)
+    assert result.returncode != 0
+    assert "No such file or directory for export: no/such" in result.stderr  # ERR_UNKNOWN
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_nbdcopy_matches_the_file(served: RunningServer, name: str) -> None:
+    nbdcopy = require_tool("nbdcopy")
+    out = served.root.parent / f"copy-{name.replace('/', '_')}"
+    run(nbdcopy, served.uri(name), str(out))
+    assert sha256(out) == sha256(served.root / EXPORTS[name])
+
+
+def test_eight_clients_at_once(served: RunningServer, tmp_path: Path) -> None:
+    nbdcopy = require_tool("nbdcopy")
+    want = sha256(served.root / "team/app-v2.erofs")
+
+    def copy(i: int) -> str:
+        out = tmp_path / f"c{i}"
+        run(nbdcopy, "--connections=2", served.uri("team/app-v2"), str(out))
+        return sha256(out)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(copy, range(8))) == [want] * 8
+
+
+NBDSH_SCRIPT = textwrap.dedent(
+    """
+    import random, sys
+    import nbd
+    uri, path = sys.argv[1], sys.argv[2]
+    data = open(path, "rb").read()
+    h = nbd.NBD()
+    h.set_strict_mode(0)  # let the server, not libnbd, judge bad requests
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    assert h.can_meta_context("base:allocation")
+    assert h.get_size() == len(data), (h.get_size(), len(data))
+    assert h.is_read_only() and h.can_multi_conn() and h.can_cache()
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.choice([512, 4096, 65536, 1048576])
+        off = rng.randrange(0, len(data) - n + 1) // 512 * 512
+        assert h.pread(n, off) == data[off:off + n], (off, n)
+    def errno_of(fn):
+        try:
+            fn()
+        except nbd.Error as e:
+            return e.errno
+        return None
+    print("pwrite", errno_of(lambda: h.pwrite(b"x" * 512, 0)))
+    print("trim", errno_of(lambda: h.trim(4096, 0)))
+    print("past_end", errno_of(lambda: h.pread(512, len(data))))
+    print("misaligned", errno_of(lambda: h.pread(512, 1)))
+    h.cache(len(data), 0)
+    extents = []
+    h.block_status(len(data), 0, lambda ctx, off, ents, err: extents.append(ents) or 0)
+    print("extents_total", sum(extents[0][0::2]))
+    assert h.pread(4096, 0) == data[:4096]
+    h.shutdown()
+    print("ok")
+    """
+)
+
+
+def test_nbdsh_libnbd_reads_and_errors(served: RunningServer, tmp_path: Path) -> None:
+    """python3-libnbd exists for Debian's own python3 only, so run it as a subprocess."""
+    require_tool("nbdsh")
+    script = tmp_path / "check.py"
+    script.write_text(NBDSH_SCRIPT)
+    image = served.root / "demo.erofs"
+    out = run("/usr/bin/python3", str(script), served.uri("demo"), str(image)).stdout
+    result = dict(line.split() for line in out.splitlines() if " " in line)
+    assert result == {
+        "pwrite": "EPERM",
+        "trim": "EPERM",
+        "past_end": "EINVAL",
+        "misaligned": "EINVAL",
+        "extents_total": str(image.stat().st_size),
+    }
+    assert out.splitlines()[-1] == "ok"
+
+
+def test_nbdsh_command_line(served: RunningServer) -> None:
+    # nbdsh runs `python3 -m nbd`: it needs Debian's python3, where python3-libnbd lives
+    script = "print(h.pread(512, 1024)[:4].hex())"
+    nbdsh = require_tool("nbdsh")
+    out = run(nbdsh, "-u", served.uri("demo"), "-c", script, env={"PATH": "/usr/bin:/bin"}).stdout
+    assert out.strip() == "e2e1f5e0"  # the EROFS magic, little-endian, at 1024

@@ -1,0 +1,80 @@
+"""The command line, in process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from erofs_nbdd.cli import ExitStatus, main
+from erofs_nbdd.server import ListenError, ListenSpec, parse_listen
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        (":10809", ListenSpec("tcp", None, 10809)),
+        ("127.0.0.1:0", ListenSpec("tcp", "127.0.0.1", 0)),
+        ("localhost", ListenSpec("tcp", "localhost", 10809)),
+        ("[::1]:1234", ListenSpec("tcp", "::1", 1234)),
+        ("[::]", ListenSpec("tcp", "::", 10809)),
+        ("unix:/run/x.sock", ListenSpec("unix", path="/run/x.sock")),
+    ],
+)
+def test_parse_listen(text: str, spec: ListenSpec) -> None:
+    assert parse_listen(text) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("::1:80", r"\[ADDR\]:PORT"),
+        ("[::1]80", r"\[ADDR\]:PORT"),
+        ("host:http", "must be a number"),
+        ("host:70000", "0..65535"),
+        ("unix:", "needs a path"),
+    ],
+)
+def test_parse_listen_errors(text: str, match: str) -> None:
+    with pytest.raises(ListenError, match=match):
+        parse_listen(text)
+
+
+def test_bad_listen_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", str(tmp_path), "--listen", "::1:80"]) == ExitStatus.USAGE
+    assert "[ADDR]:PORT" in capsys.readouterr().err
+
+
+def test_missing_directory_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["serve", str(tmp_path / "nope")])
+    assert excinfo.value.code == ExitStatus.USAGE
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_port_in_use_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = main(["serve", str(tmp_path), "--listen", f"127.0.0.1:{port}"])
+    assert status == ExitStatus.ERROR
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--version"])
+    assert excinfo.value.code == 0
+    assert "erofs-nbdd 0.1.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--default-export" in capsys.readouterr().out
