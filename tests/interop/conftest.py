@@ -69,8 +69,9 @@ def start_server_process(root: Path, *args: str) -> RunningServer:
     return RunningServer(process, found[0], root, lines, drainer)
 
 
-def stop_server_process(server: RunningServer) -> int:
-    server.process.send_signal(signal.SIGTERM)
+def stop_server_process(server: RunningServer, signum: int = signal.SIGTERM) -> int:
+    """Signal the server, wait for it (bounded), and return its exit status."""
+    server.process.send_signal(signum)
     try:
         return server.process.wait(30)
     except subprocess.TimeoutExpired:

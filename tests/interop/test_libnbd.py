@@ -145,3 +145,30 @@ def test_nbdsh_command_line(served: RunningServer) -> None:
     nbdsh = require_tool("nbdsh")
     out = run(nbdsh, "-u", served.uri("demo"), "-c", script, env={"PATH": "/usr/bin:/bin"}).stdout
     assert out.strip() == "e2e1f5e0"  # the EROFS magic, little-endian, at 1024
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_signal_with_a_client_attached_exits_zero(images: Path, signum: str) -> None:
+    """A client mid-transmission does not stop the server from exiting cleanly."""
+    import signal
+    import subprocess
+
+    from .conftest import start_server_process, stop_server_process
+
+    server = start_server_process(images, "--shutdown-grace", "5")
+    client = subprocess.Popen(
+        ["/usr/bin/python3", "-c", "import nbd,sys,time; h=nbd.NBD(); h.connect_uri(sys.argv[1]);"
+         " h.pread(4096, 0); print('attached', flush=True); time.sleep(60)", server.uri("demo")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "attached"
+        assert stop_server_process(server, getattr(signal, signum)) == 0
+    finally:
+        client.kill()
+        client.communicate()
+    text = server.log_text()
+    assert f"{signum}: shutting down" in text
+    assert "ended=server shutdown" in text
+    assert "Traceback" not in text

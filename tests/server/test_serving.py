@@ -237,7 +237,7 @@ async def test_a_failing_read_is_a_clean_eio(
     head = await session.pread(0, 4096)
     with image.open("r+b") as f:
         f.truncate(8192)  # the export still claims its old size
-    with pytest.raises(RequestError) as excinfo:
+    with pytest.raises(RequestError) as excinfo, trio.fail_after(10):
         await session.pread(details.size - 65536, 65536)
     assert excinfo.value.errno == Errno.EIO
     assert await session.pread(0, 4096) == head  # the connection survives
