@@ -46,6 +46,8 @@ from .protocol.events import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .config import ServerConfig
     from .exports import Export, ExportDirectory
 
@@ -290,7 +292,6 @@ class Connection:
 
     async def _transmit(self) -> None:
         assert self._backend is not None
-        assert self._export is not None
         backend = self._backend
         negotiated = self.handshake.negotiated
         tx = ServerTransmission(negotiated, max_write_payload=self.limits.max_payload)
@@ -301,70 +302,57 @@ class Connection:
             min_block=512,
             max_payload=self.limits.max_payload,
         )
+        batch = _Batch(self._send)
         slots = trio.Semaphore(self.limits.max_in_flight)
-        verbose = self.config.verbose
         try:
             async with trio.open_nursery() as nursery:
-                out: list[bytes] = []
-                size = 0
-                while True:
-                    event = tx.next_event()
-                    if event is NEED_DATA:
-                        if out:
-                            await self._send(b"".join(out))
-                            out, size = [], 0
-                        data = await self._receive_requests()
-                        if data is None:
-                            break  # server shutdown: answer what is in flight, then close
-                        if not data:
-                            self.stats.ended = "client closed without NBD_CMD_DISC"
-                            break
-                        tx.receive_data(data)
-                        continue
-                    if isinstance(event, Disconnect):
-                        self.stats.ended = "disconnect"
-                        break
+                while (req := await self._next_request(tx, batch)) is not None:
                     self.stats.requests += 1
-                    if verbose:
-                        log.debug("%s: %s", self.peer, event)
-                    error, message = check_request(event, limits, negotiated)
+                    if self.config.verbose:
+                        log.debug("%s: %s", self.peer, req)
+                    error, message = check_request(req, limits, negotiated)
                     if error is not Errno.OK:
                         self.stats.errors += 1
-                        out.append(tx.error_reply(event.cookie, error, message))
-                        size += 64
-                    elif event.cmd == Cmd.READ:
-                        cached = backend.pread_nowait(event.offset, event.length)
-                        if cached is None:
-                            try:
-                                slots.acquire_nowait()
-                            except trio.WouldBlock:
-                                if out:  # let the client see what is done while we wait
-                                    await self._send(b"".join(out))
-                                    out, size = [], 0
-                                await slots.acquire()
-                            nursery.start_soon(self._slow_request, tx, event, slots)
-                            continue
+                        batch.add(tx.error_reply(req.cookie, error, message))
+                    elif (
+                        req.cmd == Cmd.READ
+                        and (cached := backend.pread_nowait(req.offset, req.length)) is not None
+                    ):
                         self.stats.bytes_read += len(cached)
-                        out.append(tx.read_reply_header(event.cookie, event.offset, len(cached)))
-                        out.append(cached)
-                        size += len(cached)
-                    elif event.cmd == Cmd.BLOCK_STATUS:
-                        await slots.acquire()
-                        nursery.start_soon(self._slow_request, tx, event, slots)
-                        continue
+                        batch.add(tx.read_reply_header(req.cookie, req.offset, len(cached)), cached)
+                    elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
+                        try:
+                            slots.acquire_nowait()
+                        except trio.WouldBlock:
+                            await batch.flush()  # let the client have what is ready meanwhile
+                            await slots.acquire()
+                        nursery.start_soon(self._slow_request, tx, req, slots)
                     else:  # CACHE and FLUSH: nothing to wait for
-                        if event.cmd == Cmd.CACHE:
-                            await backend.cache(event.offset, event.length)
-                        out.append(tx.ok_reply(event.cookie))
-                        size += 32
-                    if size >= BATCH_BYTES:
-                        await self._send(b"".join(out))
-                        out, size = [], 0
-                if out:
-                    await self._send(b"".join(out))
+                        if req.cmd == Cmd.CACHE:
+                            await backend.cache(req.offset, req.length)
+                        batch.add(tx.ok_reply(req.cookie))
+                    if batch.full:
+                        await batch.flush()
+                await batch.flush()
                 # leaving the nursery waits for the requests still in flight (DISC rules)
         finally:
             backend.close()
+
+    async def _next_request(self, tx: ServerTransmission, batch: _Batch) -> Request | None:
+        """The next request; None once the client disconnects or the server stops."""
+        while (event := tx.next_event()) is NEED_DATA:
+            await batch.flush()  # about to wait for the client: send what is ready first
+            data = await self._receive_requests()
+            if data is None:
+                return None  # server shutdown: answer what is in flight, then close
+            if not data:
+                self.stats.ended = "client closed without NBD_CMD_DISC"
+                return None
+            tx.receive_data(data)
+        if isinstance(event, Disconnect):
+            self.stats.ended = "disconnect"
+            return None
+        return event
 
     async def _slow_request(
         self, tx: ServerTransmission, req: Request, slots: trio.Semaphore
@@ -388,6 +376,29 @@ class Connection:
             await self._send(reply)
         finally:
             slots.release()
+
+
+class _Batch:
+    """Replies gathered into one write: at high queue depth, one syscall answers many."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, *parts: bytes) -> None:
+        self._parts.extend(parts)
+        self._size += sum(len(p) for p in parts) + 1
+
+    @property
+    def full(self) -> bool:
+        return self._size >= BATCH_BYTES
+
+    async def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts, self._size = [], 0
+            await self._send(data)
 
 
 def _clip_extents(extents: list[tuple[int, int]], req: Request) -> list[tuple[int, int]]:
