@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
+from .certs import DEFAULT_DAYS, make_certificates
 from .config import DEFAULT_PORT, Limits, ServerConfig
 from .server import ListenError, Server, parse_listen
+from .tls import TLSConfig, TLSMode, TLSSetupError, parse_allow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -56,6 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long in-flight requests may take to finish after SIGINT/SIGTERM",
     )  # fmt: skip
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    t = s.add_argument_group("TLS")
+    t.add_argument(
+        "--tls", choices=[m.value for m in TLSMode], default="off",
+        help="off: refuse STARTTLS; on: offer TLS, serve plaintext too; require: TLS only",
+    )  # fmt: skip
+    t.add_argument(
+        "--tls-certificates", type=Path, metavar="DIR",
+        help="ca-cert.pem, server-cert.pem, server-key.pem (make them with `erofs-nbdd certs`)",
+    )  # fmt: skip
+    t.add_argument(
+        "--tls-verify-peer", action="store_true",
+        help="only clients with a certificate signed by ca-cert.pem get in",
+    )  # fmt: skip
+    t.add_argument(
+        "--tls-allow", action="append", default=[], metavar="EXPORT=CN[,CN...]",
+        help="only these client certificate names may use EXPORT (a name or a pattern such as "
+        "team/*); repeatable; needs --tls-verify-peer",
+    )  # fmt: skip
+
+    c = sub.add_parser(
+        "certs",
+        help="make a CA, a server certificate and client certificates",
+        description="Write CERTDIR/{ca-cert,ca-key,server-cert,server-key}.pem and "
+        "CERTDIR/clients/NAME/{ca-cert,client-cert,client-key}.pem. Existing files are kept "
+        "unless --force; run again with --client NAME to add a client.",
+    )
+    c.add_argument("cert_dir", type=Path, metavar="CERTDIR")
+    c.add_argument(
+        "--host", action="append", default=[], metavar="NAME_OR_IP",
+        help="names the server certificate covers (default: localhost, 127.0.0.1, ::1, "
+        "this machine's hostname)",
+    )  # fmt: skip
+    c.add_argument("--client", action="append", default=[], metavar="NAME")
+    c.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity of new certificates")
+    c.add_argument("--force", action="store_true", help="replace existing files")
     return parser
 
 
@@ -70,8 +107,16 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         handshake_timeout=args.handshake_timeout,
         shutdown_grace=args.shutdown_grace,
     )
+    tls = TLSConfig(
+        mode=TLSMode(args.tls),
+        cert_dir=args.tls_certificates,
+        verify_peer=args.tls_verify_peer,
+        allow=tuple(parse_allow(a) for a in args.tls_allow),
+    )
+    tls.check()
     return ServerConfig(
         root=args.directory,
+        tls=tls,
         listen=listen,
         default_export=args.default_export,
         limits=limits,
@@ -104,9 +149,32 @@ def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
+def _certs(args: argparse.Namespace) -> int:
+    for name in args.client:
+        if not name or "/" in name or name in (".", ".."):
+            print(f"erofs-nbdd: --client {name!r}: use a plain name such as ci-runner-1",
+                  file=sys.stderr)  # fmt: skip
+            return ExitStatus.USAGE
+    try:
+        written = make_certificates(
+            args.cert_dir, hosts=args.host, clients=args.client, force=args.force, days=args.days
+        )
+    except (OSError, ValueError) as exc:
+        print(f"erofs-nbdd: {exc}", file=sys.stderr)
+        return ExitStatus.ERROR
+    for w in written:
+        state = "kept (use --force to replace)" if w.kept else "written"
+        expires = w.expires.date().isoformat() if w.expires else "-"
+        print(f"{w.path}: {w.what}, expires {expires}, {state}")
+    print(f"serve with: erofs-nbdd serve DIR --tls require --tls-certificates {args.cert_dir}")
+    return ExitStatus.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "certs":
+        return _certs(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -120,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_serve_until_signalled, config)
         except BaseExceptionGroup as group:
             raise _sole(group) from None
-    except ListenError as exc:
+    except (ListenError, TLSSetupError) as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except OSError as exc:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .protocol import DEFAULT_MAX_PAYLOAD
+from .tls import TLSConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -38,4 +39,5 @@ class ServerConfig:
     listen: tuple[str, ...] = (f":{DEFAULT_PORT}",)
     default_export: str | None = None
     limits: Limits = field(default_factory=Limits)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     verbose: bool = False

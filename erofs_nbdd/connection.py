@@ -22,6 +22,7 @@ from .protocol import (
     Errno,
     ExportLimits,
     Info,
+    Opt,
     Rep,
     ServerHandshake,
     ServerTransmission,
@@ -44,8 +45,10 @@ from .protocol.events import (
     StructuredReplyOption,
     UnsupportedOption,
 )
+from .tls import TLSMode, peer_common_name, peer_subject
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable
 
     from .config import ServerConfig
@@ -74,12 +77,18 @@ class LimitExceeded(Exception):
     """The client broke a server limit; it is disconnected and the limit logged."""
 
 
+class Refused(Exception):
+    """The client was turned away (TLS failed or was skipped); worth a warning."""
+
+
 @dataclass
 class Stats:
     export: str = "-"
     requests: int = 0
     bytes_read: int = 0
     errors: int = 0
+    tls: str = "-"
+    client: str = "-"
     ended: str = "closed"
 
 
@@ -90,8 +99,12 @@ class Connection:
         peer: str,
         config: ServerConfig,
         exports: ExportDirectory,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.stream = stream
+        self.ssl_context = ssl_context
+        self.tls = config.tls
+        self._client_name: str | None = None
         self.peer = peer
         self.config = config
         self.limits = config.limits
@@ -175,19 +188,32 @@ class Connection:
             return False
         return True
 
+    def _allowed_before_tls(self, event: OptionEvent) -> bool:
+        """FORCEDTLS: before TLS, only STARTTLS and ABORT are answered normally."""
+        if self.tls.mode is not TLSMode.REQUIRE or self.handshake.negotiated.tls:
+            return True
+        if isinstance(event, InvalidOption):
+            return event.option == Opt.STARTTLS
+        return isinstance(event, StartTLSOption | AbortOption)
+
     async def _answer(self, event: OptionEvent) -> None:
         hs = self.handshake
+        if not self._allowed_before_tls(event):
+            if isinstance(event, ExportNameOption):  # cannot be refused: end the session
+                raise Refused("EXPORT_NAME before TLS; TLS is required")
+            await self._send(
+                hs.send_error(Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+            )
+            return
         if isinstance(event, AbortOption):
             await self._send(hs.send_ack())
         elif isinstance(event, ListOption):
-            exports = await self._scan()
+            exports = [e for e in (await self._scan()).values() if self._refusal(e) is None]
             self._option_budget += 2 * len(exports)
-            parts = [hs.send_server(e.name, e.description) for e in exports.values()]
+            parts = [hs.send_server(e.name, e.description) for e in exports]
             await self._send(b"".join([*parts, hs.send_ack()]))
         elif isinstance(event, StartTLSOption):
-            await self._send(
-                hs.send_error(Rep.ERR_POLICY, "TLS is not enabled on this server (--tls on)")
-            )
+            await self._start_tls()
         elif isinstance(event, StructuredReplyOption):
             await self._send(hs.send_ack())
         elif isinstance(event, InfoOption):
@@ -206,8 +232,43 @@ class Connection:
     async def _scan(self) -> dict[str, Export]:
         return await trio.to_thread.run_sync(self.exports.scan)
 
-    async def _lookup(self, name: str) -> Export | str:
-        return self.exports.resolve_name(name, await self._scan())
+    async def _lookup(self, name: str) -> Export | tuple[Rep, str]:
+        """The export a name selects, or the error reply that refuses it."""
+        found = self.exports.resolve_name(name, await self._scan())
+        if isinstance(found, str):
+            return Rep.ERR_UNKNOWN, found
+        return self._refusal(found) or found
+
+    def _refusal(self, export: Export) -> tuple[Rep, str] | None:
+        """Why this client may not use ``export`` (--tls-allow), or None."""
+        names = self.tls.restricted(export.name)
+        if names is None:
+            return None
+        if not self.handshake.negotiated.tls:
+            return Rep.ERR_TLS_REQD, f"export {export.name!r} needs TLS with a client certificate"
+        if self._client_name not in names:
+            return Rep.ERR_POLICY, f"client {self._client_name!r} may not use {export.name!r}"
+        return None
+
+    async def _start_tls(self) -> None:
+        hs = self.handshake
+        if self.ssl_context is None:
+            await self._send(
+                hs.send_error(Rep.ERR_POLICY, "TLS is not enabled on this server (--tls on)")
+            )
+            return
+        await self._send(hs.send_ack())
+        hs.start_tls()  # plaintext that came after STARTTLS is an injection: dropped here
+        stream = trio.SSLStream(self.stream, self.ssl_context, server_side=True)
+        self.stream = stream
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise Refused(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
+        cert = stream.getpeercert()
+        self._client_name = peer_common_name(cert)
+        self.stats.tls = str(stream.version())
+        self.stats.client = peer_subject(cert) or "-"
 
     def _flags(self) -> int:
         flags = BASE_FLAGS
@@ -225,8 +286,8 @@ class Connection:
     async def _info(self, event: InfoOption) -> None:
         hs = self.handshake
         found = await self._lookup(event.name)
-        if isinstance(found, str):
-            await self._send(hs.send_error(Rep.ERR_UNKNOWN, found))
+        if isinstance(found, tuple):
+            await self._send(hs.send_error(*found))
             return
         backend: FileBackend | None = None
         if event.go:
@@ -260,8 +321,8 @@ class Connection:
     async def _meta_context(self, event: MetaContextOption) -> None:
         hs = self.handshake
         found = await self._lookup(event.name)
-        if isinstance(found, str):
-            await self._send(hs.send_error(Rep.ERR_UNKNOWN, found))
+        if isinstance(found, tuple):
+            await self._send(hs.send_error(*found))
             return
         if event.set:
             match = BASE_ALLOCATION in event.queries
@@ -277,10 +338,10 @@ class Connection:
 
     async def _export_name(self, event: ExportNameOption) -> None:
         found = await self._lookup(event.name)
-        if isinstance(found, str):
+        if isinstance(found, tuple):
             # The spec allows no error reply here: the session ends.
-            self.stats.ended = f"EXPORT_NAME refused: {found}"
-            raise ClientGone(found)
+            self.stats.ended = f"EXPORT_NAME refused: {found[1]}"
+            raise ClientGone(found[1])
         try:
             backend = self._open(found)
         except OSError as exc:

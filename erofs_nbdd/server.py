@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .connection import ClientGone, Connection, LimitExceeded
+from .connection import ClientGone, Connection, LimitExceeded, Refused
 from .exports import ExportDirectory
 from .protocol import ProtocolError
+from .tls import TLSMode, server_context
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -120,6 +121,13 @@ class Server:
         self.config = config
         self.exports = ExportDirectory(config.root, default_export=config.default_export)
         self.connections: set[Connection] = set()
+        config.tls.check()
+        self.ssl_context = None
+        if config.tls.mode is not TLSMode.OFF:
+            assert config.tls.cert_dir is not None
+            self.ssl_context = server_context(
+                config.tls.cert_dir, verify_peer=config.tls.verify_peer
+            )
         self._accepting = trio.CancelScope()
         self._grace = trio.CancelScope()
         self._next_id = 0
@@ -175,7 +183,7 @@ class Server:
             log.warning("%s: refused: %d connections already (limit)", peer, len(self.connections))
             await trio.aclose_forcefully(stream)
             return
-        conn = Connection(stream, peer, self.config, self.exports)
+        conn = Connection(stream, peer, self.config, self.exports, self.ssl_context)
         self.connections.add(conn)
         start = time.monotonic()
         level = logging.WARNING  # a connection that ended badly is worth a warning
@@ -186,6 +194,8 @@ class Server:
             conn.stats.ended = "handshake timeout (limit)"
         except LimitExceeded as exc:
             conn.stats.ended = f"limit: {exc}"
+        except Refused as exc:
+            conn.stats.ended = f"refused: {exc}"
         except ClientGone as exc:
             if conn.stats.ended == "closed":
                 conn.stats.ended = str(exc)
@@ -200,14 +210,17 @@ class Server:
             conn.stats.ended = f"internal error: {exc!r}"
         finally:
             self.connections.discard(conn)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await conn.stream.aclose()  # over TLS this sends close_notify
                 await trio.aclose_forcefully(conn.stream)
             s = conn.stats
             log.log(
                 level,
-                "%s export=%s requests=%d bytes_read=%d errors=%d duration=%.3fs ended=%s",
+                "%s export=%s requests=%d bytes_read=%d errors=%d duration=%.3fs tls=%s "
+                "client=%s ended=%s",
                 peer, s.export, s.requests, s.bytes_read, s.errors,
-                time.monotonic() - start, s.ended,
+                time.monotonic() - start, s.tls, s.client, s.ended,
             )  # fmt: skip
 
     def shutdown(self) -> None:

@@ -44,6 +44,8 @@ from erofs_nbdd.protocol.events import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     from erofs_nbdd.protocol.events import NeedData
 
 T = TypeVar("T")
@@ -80,7 +82,15 @@ class ExportDetails:
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes:
-    data = await stream.receive_some(RECEIVE_SIZE)
+    try:
+        data = await stream.receive_some(RECEIVE_SIZE)
+    except trio.BrokenResourceError as exc:
+        hint = ""
+        if isinstance(stream, trio.SSLStream):
+            # TLS 1.3: a server that refuses our certificate (or its absence) is only
+            # noticed here, after our side of the handshake has completed.
+            hint = " (the server may require a client certificate signed by its CA)"
+        raise NegotiationError(f"connection lost: {exc.__cause__ or exc}{hint}") from exc
     if not data:
         raise NegotiationError("the server closed the connection")
     return bytes(data)
@@ -120,6 +130,23 @@ class Handshake:
             if isinstance(event, OptionAck):
                 return replies
             replies.append(event)
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """Upgrade to TLS; a server that refuses gets no plaintext session from us."""
+        try:
+            await self._option(self.machine.opt_starttls())
+        except NegotiationError as exc:
+            raise NegotiationError(
+                f"TLS was asked for but the server refused it ({exc}); not continuing in plaintext",
+                exc.rep,
+            ) from None
+        self.machine.start_tls()
+        stream = trio.SSLStream(self.stream, context, server_hostname=server_hostname)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise NegotiationError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
+        self.stream = stream
 
     async def list_exports(self) -> list[ServerEntry]:
         return [
@@ -191,16 +218,21 @@ async def negotiate(
     *,
     structured: bool = False,
     meta_contexts: tuple[str, ...] = (),
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> tuple[ExportDetails, Session]:
-    """Handshake up to transmission; structured replies only when asked (the kernel can't)."""
+    """Handshake up to transmission; structured replies only when asked (the kernel can't).
+    With ``tls``, STARTTLS comes first and the session runs over the TLS stream."""
     hs = Handshake(stream)
     await hs.start()
+    if tls is not None:
+        await hs.starttls(tls, server_hostname)
     if structured or meta_contexts:
         await hs.structured_replies()
     if meta_contexts:
         await hs.set_meta_context(export, meta_contexts)
     details = await hs.go(export)
-    return details, Session(stream, hs.negotiated, hs.machine.trailing_data)
+    return details, Session(hs.stream, hs.negotiated, hs.machine.trailing_data)
 
 
 class Session:

@@ -1,0 +1,150 @@
+"""TLS for both sides: SSL contexts from a certificate directory, and who may see which export.
+
+The directory layout is the one nbdkit, qemu and libnbd share: ``ca-cert.pem``,
+``server-cert.pem``, ``server-key.pem`` (server) and ``ca-cert.pem``, ``client-cert.pem``,
+``client-key.pem`` (client). The server sends no session tickets and never starts a key update,
+so a client may later hand its TLS socket to kernel TLS, which fails on any non-data record.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+class TLSMode(enum.Enum):
+    OFF = "off"  # NOTLS: STARTTLS is refused
+    ON = "on"  # TLS offered; plaintext clients are served too
+    REQUIRE = "require"  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+
+
+class TLSSetupError(ValueError):
+    """A certificate directory or option that cannot work; the message says how to fix it."""
+
+
+SERVER_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+def _base_context(purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the spec's MUST; GnuTLS clients default to it
+    ctx.options |= ssl.OP_NO_TICKET  # TLS 1.2 session tickets
+    return ctx
+
+
+def server_context(cert_dir: Path, *, verify_peer: bool = False) -> ssl.SSLContext:
+    """The server's context; with ``verify_peer`` only clients the CA signed get in."""
+    cert, key = cert_dir / "server-cert.pem", cert_dir / "server-key.pem"
+    for path in (cert, key):
+        if not path.is_file():
+            raise TLSSetupError(
+                f"{path} is missing: make certificates with `erofs-nbdd certs {cert_dir}`"
+            )
+    ctx = _base_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.num_tickets = 0  # TLS 1.3: no NewSessionTicket records after the handshake
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSSetupError(f"cannot load {cert} with {key}: {exc}") from exc
+    ca = cert_dir / "ca-cert.pem"
+    if verify_peer:
+        if not ca.is_file():
+            raise TLSSetupError(f"--tls-verify-peer needs {ca} to check client certificates")
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_context(
+    cert_dir: Path | None, *, verify: bool = True, client_cert: bool = True
+) -> ssl.SSLContext:
+    """The client's context: trusts ``ca-cert.pem`` (else the system store) and presents
+    ``client-cert.pem`` when the directory has one."""
+    ctx = _base_context(ssl.Purpose.SERVER_AUTH)
+    if cert_dir is not None:
+        ca = cert_dir / "ca-cert.pem"
+        if ca.is_file():
+            ctx.load_verify_locations(ca)
+        elif verify:
+            raise TLSSetupError(f"{ca} is missing: copy the server's CA certificate there")
+        cert, key = cert_dir / "client-cert.pem", cert_dir / "client-key.pem"
+        if client_cert and cert.is_file():
+            try:
+                ctx.load_cert_chain(cert, key)
+            except (ssl.SSLError, OSError) as exc:
+                raise TLSSetupError(f"cannot load {cert} with {key}: {exc}") from exc
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def peer_subject(cert: dict[str, object] | None) -> str | None:
+    """``CN=name`` style text for logs, from ``SSLObject.getpeercert()``."""
+    if not cert:
+        return None
+    parts = []
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            short = {"commonName": "CN", "organizationName": "O"}.get(key, key)
+            parts.append(f"{short}={value}")
+    return ",".join(parts) or None
+
+
+def peer_common_name(cert: dict[str, object] | None) -> str | None:
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    pattern: str  # an export name, or an fnmatch pattern such as team/*
+    names: frozenset[str]
+
+
+def parse_allow(text: str) -> AllowRule:
+    """``EXPORT=CN[,CN...]`` as given to --tls-allow."""
+    pattern, sep, names = text.partition("=")
+    cns = frozenset(n.strip() for n in names.split(",") if n.strip())
+    if not sep or not pattern or not cns:
+        raise TLSSetupError(
+            f"--tls-allow {text!r}: write EXPORT=CN[,CN...], e.g. team/app=ci-runner"
+        )
+    return AllowRule(pattern, cns)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    mode: TLSMode = TLSMode.OFF
+    cert_dir: Path | None = None
+    verify_peer: bool = False
+    allow: tuple[AllowRule, ...] = field(default_factory=tuple)
+
+    def restricted(self, export: str) -> frozenset[str] | None:
+        """The client names that may use ``export``; None when anyone may."""
+        rules = [r for r in self.allow if fnmatch.fnmatchcase(export, r.pattern)]
+        if not rules:
+            return None
+        return frozenset().union(*(r.names for r in rules))
+
+    def check(self) -> None:
+        if self.mode is not TLSMode.OFF and self.cert_dir is None:
+            raise TLSSetupError(f"--tls {self.mode.value} needs --tls-certificates DIR")
+        if self.allow and not self.verify_peer:
+            raise TLSSetupError("--tls-allow needs --tls-verify-peer (clients must prove names)")
+        if self.allow and self.mode is TLSMode.OFF:
+            raise TLSSetupError("--tls-allow needs --tls on or --tls require")

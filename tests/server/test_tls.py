@@ -1,0 +1,285 @@
+"""STARTTLS on the server and the client side, with trustme certificates."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from erofs_nbd_client.negotiate import Handshake, NegotiationError, negotiate
+from erofs_nbdd.config import ServerConfig
+from erofs_nbdd.connection import Connection
+from erofs_nbdd.exports import ExportDirectory
+from erofs_nbdd.protocol import Opt, Rep, TransmissionFlag, wire
+from erofs_nbdd.server import Server
+from erofs_nbdd.tls import (
+    TLSConfig,
+    TLSMode,
+    TLSSetupError,
+    client_context,
+    parse_allow,
+    server_context,
+)
+
+from .helpers import read_all
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from .conftest import Connect
+
+
+@dataclass
+class PKI:
+    server_dir: Path
+    alice: Path  # a client directory with a certificate (CN alice)
+    bob: Path
+    anonymous: Path  # only the CA certificate
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    ca = trustme.CA()
+    root = tmp_path_factory.mktemp("pki")
+    server_dir = root / "server"
+    server_dir.mkdir()
+    ca.cert_pem.write_to_path(str(server_dir / "ca-cert.pem"))
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(server_dir / "server-cert.pem"))
+    cert.private_key_pem.write_to_path(str(server_dir / "server-key.pem"))
+    dirs = {}
+    for name in ("alice", "bob", "anonymous"):
+        d = root / name
+        d.mkdir()
+        ca.cert_pem.write_to_path(str(d / "ca-cert.pem"))
+        if name != "anonymous":
+            client = ca.issue_cert(common_name=name)
+            client.cert_chain_pems[0].write_to_path(str(d / "client-cert.pem"))
+            client.private_key_pem.write_to_path(str(d / "client-key.pem"))
+        dirs[name] = d
+    return PKI(server_dir, dirs["alice"], dirs["bob"], dirs["anonymous"])
+
+
+def tls_config(pki: PKI, mode: TLSMode, **kw: object) -> TLSConfig:
+    return TLSConfig(mode=mode, cert_dir=pki.server_dir, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def running(
+    images: Path, pki: PKI, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Server, str]]:
+    """A server whose TLS settings come from the test's ``tls`` marker-free parameter."""
+    config: TLSConfig = request.param(pki) if callable(request.param) else request.param
+    server = Server(ServerConfig(root=images, listen=("127.0.0.1:0",), tls=config))
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(server.run)
+        yield server, address
+        nursery.cancel_scope.cancel()
+
+
+def _mode(mode: TLSMode, **kw: object) -> object:
+    return lambda pki: tls_config(pki, mode, **kw)
+
+
+ON, REQUIRE, OFF = _mode(TLSMode.ON), _mode(TLSMode.REQUIRE), (lambda pki: TLSConfig())
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_tls_over_memory_streams(images: Path, pki: PKI, version: ssl.TLSVersion) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    config = ServerConfig(root=images, tls=tls_config(pki, TLSMode.REQUIRE))
+    server_ctx = server_context(pki.server_dir)
+    conn = Connection(server_stream, "memory", config, ExportDirectory(images), server_ctx)
+    ctx = client_context(pki.alice)
+    ctx.maximum_version = version
+    data = (images / "demo.erofs").read_bytes()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        details, session = await negotiate(
+            client_stream, "demo", tls=ctx, server_hostname="localhost"
+        )
+        assert details.size == len(data)
+        assert await session.pread(0, 1 << 20) == data[: 1 << 20]
+        await session.disconnect()
+    assert conn.stats.tls == version.name.replace("v1_", "v1.")
+    assert conn.stats.ended == "disconnect"
+
+
+PRE_TLS_OPTIONS = [
+    (Opt.LIST, b""),
+    (Opt.INFO, wire.info_request(b"demo", ())),
+    (Opt.GO, wire.info_request(b"demo", ())),
+    (Opt.STRUCTURED_REPLY, b""),
+    (Opt.LIST_META_CONTEXT, wire.meta_context_request(b"demo", ())),
+    (Opt.SET_META_CONTEXT, wire.meta_context_request(b"demo", (b"base:allocation",))),
+    (Opt.EXTENDED_HEADERS, b""),
+    (Opt.PEEK_EXPORT, b""),
+    (999, b"junk"),
+    (Opt.LIST, b"malformed"),
+]
+
+
+@pytest.mark.parametrize("running", [REQUIRE], indirect=True)
+async def test_require_mode_refuses_every_option_before_tls(
+    running: tuple[Server, str], pki: PKI, connect: Connect
+) -> None:
+    _, address = running
+    hs = Handshake(await connect(address))
+    await hs.start()
+    for opt, data in PRE_TLS_OPTIONS:
+        with pytest.raises(NegotiationError) as excinfo:
+            await hs._option(hs.machine.opt_raw(opt, data))
+        assert excinfo.value.rep == Rep.ERR_TLS_REQD, opt
+    await hs.starttls(client_context(pki.anonymous), "localhost")
+    with pytest.raises(NegotiationError) as excinfo:  # STARTTLS twice
+        await hs._option(hs.machine.opt_starttls())
+    assert excinfo.value.rep == Rep.ERR_INVALID
+    assert sorted(e.name for e in await hs.list_exports()) == ["alias", "demo", "team/app-v2"]
+    assert (await hs.go("demo")).size > 0
+
+
+@pytest.mark.parametrize("running", [REQUIRE], indirect=True)
+async def test_require_mode_abort_and_export_name(
+    running: tuple[Server, str], connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, address = running
+    hs = Handshake(await connect(address))
+    await hs.start()
+    await hs.abort()
+    assert hs.machine.state.name == "CLOSED"
+    hs = Handshake(await connect(address))
+    await hs.start()
+    with pytest.raises(NegotiationError, match="closed the connection"):
+        await hs.export_name("demo")
+    await trio.sleep(0.1)
+    assert "EXPORT_NAME before TLS" in caplog.text
+
+
+@pytest.mark.parametrize("running", [ON], indirect=True)
+async def test_plaintext_after_starttls_is_dropped(
+    running: tuple[Server, str], connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, address = running
+    stream = await connect(address)
+    injected = wire.option(Opt.STRUCTURED_REPLY)
+    await stream.send_all(b"\0\0\0\3" + wire.option(Opt.STARTTLS) + injected)
+    received = await read_all(stream)
+    assert received == wire.greeting(3) + wire.option_reply(Opt.STARTTLS, Rep.ACK)
+    await trio.sleep(0.1)
+    assert "plaintext bytes after STARTTLS" in caplog.text
+
+
+@pytest.mark.parametrize("running", [ON], indirect=True)
+async def test_on_mode_serves_plaintext_and_forgets_pre_tls_state(
+    running: tuple[Server, str], pki: PKI, connect: Connect, images: Path
+) -> None:
+    _, address = running
+    details, session = await negotiate(await connect(address), "demo")
+    assert await session.pread(0, 512) == (images / "demo.erofs").read_bytes()[:512]
+    hs = Handshake(await connect(address))
+    await hs.start()
+    await hs.structured_replies()
+    await hs.starttls(client_context(pki.alice), "localhost")
+    assert not hs.negotiated.structured_replies
+    details = await hs.go("demo")
+    assert not details.flags & TransmissionFlag.SEND_DF  # the server forgot it too
+
+
+@pytest.mark.parametrize("running", [OFF], indirect=True)
+async def test_client_refuses_plaintext_when_tls_was_asked(
+    running: tuple[Server, str], pki: PKI, connect: Connect
+) -> None:
+    _, address = running
+    with pytest.raises(NegotiationError, match="not continuing in plaintext") as excinfo:
+        await negotiate(await connect(address), "demo", tls=client_context(pki.alice))
+    assert excinfo.value.rep == Rep.ERR_POLICY
+
+
+@pytest.mark.parametrize("running", [ON], indirect=True)
+async def test_client_checks_the_server_name(
+    running: tuple[Server, str], pki: PKI, connect: Connect
+) -> None:
+    _, address = running
+    with pytest.raises(NegotiationError, match=r"TLS handshake failed.*(hostname|match)"):
+        await negotiate(
+            await connect(address), "demo", tls=client_context(pki.alice), server_hostname="evil"
+        )
+    other_ca = trustme.CA()
+    ctx = ssl.create_default_context()
+    other_ca.configure_trust(ctx)
+    with pytest.raises(NegotiationError, match="certificate verify failed"):
+        await negotiate(await connect(address), "demo", tls=ctx, server_hostname="localhost")
+
+
+VERIFY = _mode(TLSMode.REQUIRE, verify_peer=True)
+ALLOW = _mode(TLSMode.ON, verify_peer=True, allow=(parse_allow("team/*=alice,carol"),))
+
+
+@pytest.mark.parametrize("running", [VERIFY], indirect=True)
+async def test_verify_peer(
+    running: tuple[Server, str], pki: PKI, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, address = running
+    with pytest.raises(NegotiationError, match="require a client certificate"):
+        await negotiate(
+            await connect(address), "demo", tls=client_context(pki.anonymous),
+            server_hostname="localhost",
+        )  # fmt: skip
+    _details, session = await negotiate(
+        await connect(address), "demo", tls=client_context(pki.alice), server_hostname="localhost"
+    )
+    await session.disconnect()
+    await trio.sleep(0.1)
+    assert "client=" in caplog.text
+    assert "CN=alice" in caplog.text
+    assert "refused: TLS handshake failed" in caplog.text
+
+
+@pytest.mark.parametrize("running", [ALLOW], indirect=True)
+async def test_allow_list(running: tuple[Server, str], pki: PKI, connect: Connect) -> None:
+    _, address = running
+
+    async def session_as(who: Path | None) -> Handshake:
+        hs = Handshake(await connect(address))
+        await hs.start()
+        if who is not None:
+            await hs.starttls(client_context(who), "localhost")
+        return hs
+
+    alice = await session_as(pki.alice)
+    assert sorted(e.name for e in await alice.list_exports()) == ["alias", "demo", "team/app-v2"]
+    assert (await alice.info("team/app-v2")).size > 0
+    bob = await session_as(pki.bob)
+    assert sorted(e.name for e in await bob.list_exports()) == ["alias", "demo"]
+    with pytest.raises(NegotiationError) as excinfo:
+        await bob.info("team/app-v2")
+    assert excinfo.value.rep == Rep.ERR_POLICY
+    assert (await bob.info("demo")).size > 0
+    plain = await session_as(None)
+    assert sorted(e.name for e in await plain.list_exports()) == ["alias", "demo"]
+    with pytest.raises(NegotiationError) as excinfo:
+        await plain.go("team/app-v2")
+    assert excinfo.value.rep == Rep.ERR_TLS_REQD
+
+
+def test_tls_settings_that_cannot_work(pki: PKI, tmp_path: Path) -> None:
+    with pytest.raises(TLSSetupError, match="needs --tls-certificates"):
+        TLSConfig(mode=TLSMode.ON).check()
+    with pytest.raises(TLSSetupError, match="needs --tls-verify-peer"):
+        tls_config(pki, TLSMode.ON, allow=(parse_allow("x=y"),)).check()
+    with pytest.raises(TLSSetupError, match="EXPORT=CN"):
+        parse_allow("no-equals")
+    with pytest.raises(TLSSetupError, match="erofs-nbdd certs"):
+        server_context(tmp_path)
+    with pytest.raises(TLSSetupError, match=r"ca-cert\.pem is missing"):
+        client_context(tmp_path)
+    ctx = server_context(pki.server_dir)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.num_tickets == 0
+    assert ctx.options & ssl.OP_NO_TICKET
