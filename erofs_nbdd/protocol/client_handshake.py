@@ -21,6 +21,7 @@ from .events import (
     DescriptionInfo,
     ExportInfo,
     ExportNameReply,
+    HandshakeReply,
     MetaContext,
     NameInfo,
     NeedData,
@@ -60,44 +61,14 @@ class ClientHandshake:
     def trailing_data(self) -> bytes:
         return self._buffer.peek(len(self._buffer))
 
-    def next_event(
-        self,
-    ) -> (
-        ServerGreeting
-        | OptionAck
-        | OptionError
-        | ServerEntry
-        | ExportInfo
-        | NameInfo
-        | DescriptionInfo
-        | BlockSizeInfo
-        | UnknownInfo
-        | MetaContext
-        | ExportNameReply
-        | NeedData
-    ):
+    def next_event(self) -> HandshakeReply | NeedData:
         try:
             return self._next_event()
         except RemoteProtocolError:
             self.state = State.ERROR
             raise
 
-    def _next_event(
-        self,
-    ) -> (
-        ServerGreeting
-        | OptionAck
-        | OptionError
-        | ServerEntry
-        | ExportInfo
-        | NameInfo
-        | DescriptionInfo
-        | BlockSizeInfo
-        | UnknownInfo
-        | MetaContext
-        | ExportNameReply
-        | NeedData
-    ):
+    def _next_event(self) -> HandshakeReply | NeedData:
         if self.state is State.AWAIT_GREETING:
             if len(self._buffer) < wire.GREETING.size:
                 return NEED_DATA

@@ -255,4 +255,19 @@ class NoneChunk:
     done: bool
 
 
+#: Everything the client side of the handshake can report.
+HandshakeReply = (
+    ServerGreeting
+    | OptionAck
+    | OptionError
+    | ServerEntry
+    | ExportInfo
+    | NameInfo
+    | DescriptionInfo
+    | BlockSizeInfo
+    | UnknownInfo
+    | MetaContext
+    | ExportNameReply
+)
+
 ReplyEvent = SimpleReply | DataChunk | HoleChunk | BlockStatusChunk | ErrorChunk | NoneChunk
