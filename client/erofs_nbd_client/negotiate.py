@@ -42,6 +42,7 @@ from erofs_nbdd.protocol.events import (
     ServerEntry,
     SimpleReply,
 )
+from erofs_nbdd.tlsstream import TLSStream
 
 if TYPE_CHECKING:
     import ssl
@@ -82,17 +83,16 @@ class ExportDetails:
 
 
 async def _receive(stream: trio.abc.Stream) -> bytes:
+    # TLS 1.3: a server that refuses our certificate (or its absence) is only noticed after
+    # our side of the handshake has completed, as a lost connection.
+    hint = " (the server may require a client certificate signed by its CA)"
+    hint = hint if isinstance(stream, TLSStream) else ""
     try:
         data = await stream.receive_some(RECEIVE_SIZE)
     except trio.BrokenResourceError as exc:
-        hint = ""
-        if isinstance(stream, trio.SSLStream):
-            # TLS 1.3: a server that refuses our certificate (or its absence) is only
-            # noticed here, after our side of the handshake has completed.
-            hint = " (the server may require a client certificate signed by its CA)"
         raise NegotiationError(f"connection lost: {exc.__cause__ or exc}{hint}") from exc
     if not data:
-        raise NegotiationError("the server closed the connection")
+        raise NegotiationError(f"the server closed the connection{hint}")
     return bytes(data)
 
 
@@ -141,7 +141,7 @@ class Handshake:
                 exc.rep,
             ) from None
         self.machine.start_tls()
-        stream = trio.SSLStream(self.stream, context, server_hostname=server_hostname)
+        stream = TLSStream(self.stream, context, server_hostname=server_hostname)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:

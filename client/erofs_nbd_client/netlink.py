@@ -34,7 +34,7 @@ class ClientFlag(enum.IntFlag):
     DISCONNECT_ON_CLOSE = 1 << 1
 
 
-class nbd_msg(genlmsg):  # noqa: N801 - pyroute2's naming convention for message classes
+class nbd_msg(genlmsg):
     prefix = "NBD_ATTR_"
     nla_map = (
         ("NBD_ATTR_UNSPEC", "none"),
@@ -50,19 +50,19 @@ class nbd_msg(genlmsg):  # noqa: N801 - pyroute2's naming convention for message
         ("NBD_ATTR_BACKEND_IDENTIFIER", "asciiz"),
     )
 
-    class sockets(nla):  # noqa: N801
+    class sockets(nla):
         prefix = "NBD_SOCK_"
         nla_map = (("NBD_SOCK_ITEM_UNSPEC", "none"), ("NBD_SOCK_ITEM", "sock_item"))
 
-        class sock_item(nla):  # noqa: N801
+        class sock_item(nla):
             prefix = "NBD_SOCK_"
             nla_map = (("NBD_SOCK_UNSPEC", "none"), ("NBD_SOCK_FD", "uint32"))
 
-    class device_list(nla):  # noqa: N801
+    class device_list(nla):
         prefix = "NBD_DEVICE_"
         nla_map = (("NBD_DEVICE_ITEM_UNSPEC", "none"), ("NBD_DEVICE_ITEM", "device_item"))
 
-        class device_item(nla):  # noqa: N801
+        class device_item(nla):
             prefix = "NBD_DEVICE_"
             nla_map = (
                 ("NBD_DEVICE_UNSPEC", "none"),
@@ -119,9 +119,13 @@ def _request(cmd: GenlCmd, attrs: list[tuple[str, Any]]) -> list[Any]:
         msg["version"] = 1
         msg["attrs"] = attrs
         try:
-            return list(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
+            return list(
+                sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+            )
         except NetlinkError as exc:
-            raise KernelRefused(exc.code, f"NBD {cmd.name} refused: {_explain(cmd, exc.code)}") from None
+            raise KernelRefused(
+                exc.code, f"NBD {cmd.name} refused: {_explain(cmd, exc.code)}"
+            ) from None
     finally:
         sock.close()
 

@@ -15,6 +15,7 @@ import trio
 
 from erofs_nbd_client.negotiate import NegotiationError, negotiate
 from erofs_nbdd.tls import client_context
+from erofs_nbdd.tlsstream import TLSStream
 
 from ..conftest import require_tool
 from .conftest import RunningServer, run, start_server_process, stop_server_process
@@ -137,7 +138,7 @@ async def test_our_client_against_nbdkit_tls(
         details, session = await negotiate(stream, "", tls=ctx, server_hostname="localhost")
         assert details.size == len(data)
         assert await session.pread(4096, 65536) == data[4096 : 4096 + 65536]
-        assert isinstance(session.stream, trio.SSLStream)
+        assert isinstance(session.stream, TLSStream)
         assert session.stream.version() == version.name.replace("v1_", "v1.")
         await session.disconnect()
 

@@ -139,9 +139,7 @@ def build_initramfs(moddir: Path) -> Path:
         for ko in modules:
             shutil.copy(ko, root / "modules" / ko.name)
         (root / "modules.list").write_text("\n".join(ko.stem for ko in modules) + "\n")
-        files = subprocess.run(
-            ["find", "."], cwd=root, capture_output=True, check=True
-        ).stdout
+        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
         with open(image.with_suffix(".tmp"), "wb") as out:
             subprocess.run(
                 ["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"],
