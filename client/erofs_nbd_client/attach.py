@@ -1,0 +1,369 @@
+"""Attach: negotiate, hand the sockets to the kernel, mount; detach: undo all of it.
+
+Order matters for "nothing is left behind": everything that can fail without touching the
+kernel (server reachable, export present, TLS, EROFS superblock) happens before CONNECT; from
+CONNECT on, any failure disconnects the device, stops the helper and removes the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from erofs_nbdd.exports import NotErofs, parse_superblock
+from erofs_nbdd.protocol import ProtocolError, Rep, TransmissionFlag
+from erofs_nbdd.tls import TLSSetupError, client_context
+
+from . import devices, netlink
+from .errors import AttachError, ExitStatus
+from .negotiate import ExportDetails, NegotiationError, RequestError, Session, negotiate
+
+if TYPE_CHECKING:
+    import socket
+    import ssl
+
+    from .target import Target
+
+log = logging.getLogger("erofs_nbd_client")
+
+PROBE_BYTES = 4096  # enough for the EROFS superblock at byte 1024
+
+
+@dataclass(frozen=True)
+class AttachOptions:
+    target: Target
+    mountpoint: str
+    connections: int = 1
+    timeout: int = 30  # seconds the kernel waits for one request
+    dead_timeout: int = 60  # seconds I/O waits on a dead connection before EIO
+    mount_options: str = ""
+    device: int | None = None
+
+
+@dataclass
+class Connection:
+    details: ExportDetails
+    session: Session
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise AttachError(
+            ExitStatus.NOT_ROOT, f"{what} needs root (netlink NBD commands and mount); use sudo"
+        )
+
+
+def tls_context(target: Target) -> ssl.SSLContext | None:
+    if not target.tls:
+        return None
+    try:
+        return client_context(target.cert_dir)
+    except TLSSetupError as exc:
+        raise AttachError(ExitStatus.TLS_FAILED, str(exc)) from exc
+
+
+async def _open_stream(target: Target) -> trio.SocketStream:
+    try:
+        with trio.fail_after(30):
+            if target.unix_path is not None:
+                return await trio.open_unix_socket(target.unix_path)
+            assert target.host is not None
+            return await trio.open_tcp_stream(target.host, target.port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise AttachError(
+            ExitStatus.UNREACHABLE,
+            f"cannot connect to {target.describe()}: {exc or 'timed out'}; "
+            "is the server running and the address right?",
+        ) from exc
+
+
+async def open_connections(
+    target: Target, count: int, context: ssl.SSLContext | None
+) -> list[Connection]:
+    """``count`` negotiated connections (one if the server does not allow more), never with
+    structured replies: the kernel understands only simple ones."""
+    out: list[Connection] = []
+    try:
+        while len(out) < count:
+            stream = await _open_stream(target)
+            try:
+                with trio.fail_after(60):
+                    details, session = await negotiate(
+                        stream, target.export, tls=context, server_hostname=target.host
+                    )
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            out.append(Connection(details, session))
+            first = out[0].details
+            if (details.size, details.flags) != (first.size, first.flags):
+                raise AttachError(
+                    ExitStatus.PROTOCOL_ERROR,
+                    "connections to the same export disagree on its size or flags",
+                )
+            if count > 1 and not first.flags & TransmissionFlag.CAN_MULTI_CONN:
+                log.warning("the server does not allow several connections; using one")
+                count = 1
+    except BaseException as exc:
+        for conn in out:
+            await trio.aclose_forcefully(conn.session.stream)
+        if isinstance(exc, NegotiationError):
+            raise _classify(exc, target) from exc
+        if isinstance(exc, trio.TooSlowError):
+            raise AttachError(ExitStatus.UNREACHABLE, "the server did not answer in 60 s") from exc
+        if isinstance(exc, ProtocolError):
+            raise AttachError(
+                ExitStatus.PROTOCOL_ERROR, f"the server broke the NBD protocol: {exc}"
+            ) from exc
+        raise
+    return out
+
+
+def _classify(exc: NegotiationError, target: Target) -> AttachError:
+    text = str(exc)
+    if exc.rep in (Rep.ERR_UNKNOWN,) or "no export" in text:
+        return AttachError(
+            ExitStatus.EXPORT_MISSING,
+            f"{target.describe()}: {text}; list the exports with: nbdinfo --list "
+            f"{target.describe().rsplit('/', 1)[0]}/",
+        )
+    if exc.rep == Rep.ERR_POLICY and "TLS" not in text:
+        return AttachError(ExitStatus.EXPORT_MISSING, f"the server refused the export: {text}")
+    if exc.rep == Rep.ERR_TLS_REQD:
+        return AttachError(
+            ExitStatus.TLS_FAILED,
+            f"the server requires TLS: use nbds:// or --tls-certificates DIR ({text})",
+        )
+    if "TLS" in text or "certificate" in text:
+        return AttachError(ExitStatus.TLS_FAILED, text)
+    return AttachError(ExitStatus.PROTOCOL_ERROR, text)
+
+
+async def check_erofs(conn: Connection) -> None:
+    size = conn.details.size
+    length = min(PROBE_BYTES, size // 512 * 512)
+    try:
+        with trio.fail_after(30):
+            head = await conn.session.pread(0, length) if length else b""
+        parse_superblock(head, size)
+    except NotErofs as exc:
+        raise AttachError(
+            ExitStatus.NOT_EROFS, f"export {conn.details.name!r} is not an EROFS image: {exc}"
+        ) from exc
+    except (RequestError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        raise AttachError(ExitStatus.PROTOCOL_ERROR, f"cannot read the export: {exc}") from exc
+
+
+def kernel_block_size(details: ExportDetails) -> int:
+    """The server's preferred block size as a power of two in 512..page size."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    minimum, preferred = (details.block_size or (512, 4096, 0))[:2]
+    size = 512
+    while size < max(preferred, minimum) and size < page:
+        size *= 2
+    return size
+
+
+async def ensure_kernel_support() -> None:
+    if await trio.to_thread.run_sync(netlink.family_available):
+        return
+    result = await trio.run_process(["modprobe", "nbd"], check=False, capture_stderr=True)
+    if await trio.to_thread.run_sync(netlink.family_available):
+        return
+    if not os.path.exists("/dev/nbd0"):
+        detail = result.stderr.decode(errors="replace").strip()
+        raise AttachError(
+            ExitStatus.NO_KERNEL_SUPPORT,
+            "the kernel has no NBD driver: install or build the 'nbd' module "
+            f"(CONFIG_BLK_DEV_NBD) and run modprobe nbd ({detail or 'modprobe failed'})",
+        )
+    raise AttachError(
+        ExitStatus.NO_KERNEL_SUPPORT,
+        "the nbd module has no netlink interface (kernel older than 4.12?); "
+        "erofs-nbd-attach needs it for safe attach and failover",
+    )
+
+
+async def _mount(index: int, options: AttachOptions) -> None:
+    opts = "ro" + (f",{options.mount_options}" if options.mount_options else "")
+    cmd = ["mount", "-t", "erofs", "-o", opts, devices.device_path(index), options.mountpoint]
+    result = await trio.run_process(cmd, check=False, capture_stdout=True, capture_stderr=True)
+    if result.returncode:
+        text = result.stderr.decode(errors="replace").strip()
+        status = ExitStatus.MOUNT_FAILED
+        if "unknown filesystem type" in text:
+            status = ExitStatus.NO_KERNEL_SUPPORT
+            text += " (load the erofs module: modprobe erofs)"
+        raise AttachError(status, f"mount failed: {text}")
+
+
+async def _wait_for_device(index: int, size: int) -> None:
+    with trio.move_on_after(20):
+        while devices.size_bytes(index) != size or not os.path.exists(devices.device_path(index)):
+            await trio.sleep(0.05)
+        return
+    raise AttachError(ExitStatus.FAILURE, f"/dev/nbd{index} did not come up with {size} bytes")
+
+
+async def attach(options: AttachOptions) -> devices.Record:
+    require_root("erofs-nbd-attach")
+    if not os.path.isdir(options.mountpoint):
+        raise AttachError(
+            ExitStatus.USAGE, f"mount point {options.mountpoint} does not exist (mkdir -p it)"
+        )
+    if options.device is not None and any(
+        s.connected for s in await trio.to_thread.run_sync(netlink.status, options.device)
+    ):
+        raise AttachError(ExitStatus.DEVICE_BUSY, f"/dev/nbd{options.device} is already in use")
+    await ensure_kernel_support()
+    target = options.target
+    backend = f"erofs-nbd-attach:{uuid.uuid4()}"
+    helper: Helper | None = None
+    if target.tls:
+        from .bridge import start_bridge
+
+        helper = await start_bridge(target, options.connections)
+        conns = helper.connections
+    else:
+        conns = await open_connections(target, options.connections, None)
+    kernel_socks = [_socket_of(c.session.stream) for c in conns]
+    index: int | None = None
+    record: devices.Record | None = None
+    try:
+        await check_erofs(conns[0])
+        details = conns[0].details
+        request = netlink.ConnectRequest(
+            size=details.size,
+            block_size=kernel_block_size(details),
+            server_flags=details.flags,
+            sockets=tuple(s.fileno() for s in kernel_socks),
+            timeout=options.timeout,
+            dead_conn_timeout=options.dead_timeout,
+            backend_identifier=backend,
+            index=options.device,
+        )
+        try:
+            index = await trio.to_thread.run_sync(netlink.connect, request)
+        except netlink.KernelRefused as exc:
+            status = ExitStatus.DEVICE_BUSY if "EBUSY" in str(exc) else ExitStatus.FAILURE
+            raise AttachError(status, str(exc)) from exc
+        for conn in conns:  # the kernel holds its own references now
+            await trio.aclose_forcefully(conn.session.stream)
+        await _wait_for_device(index, details.size)
+        record = devices.Record(
+            index=index, backend=backend, server=target.describe(), export=target.export,
+            connections=len(conns), mountpoint=os.path.realpath(options.mountpoint),
+            size=details.size, tls=target.tls,
+            cert_dir=str(target.cert_dir) if target.cert_dir else None,
+            helper_pid=helper.pid if helper else None,
+            helper_log=helper.log_path if helper else None,
+        )  # fmt: skip
+        record.save()
+        await _mount(index, options)
+        flags = netlink.ClientFlag.DISCONNECT_ON_CLOSE  # a plain umount frees the device
+        await trio.to_thread.run_sync(
+            lambda: netlink.reconfigure(index, backend, client_flags=flags)
+        )
+        return record
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for conn in conns:
+                await trio.aclose_forcefully(conn.session.stream)
+            await _undo(index, helper, record)
+        raise
+
+
+def _socket_of(stream: trio.abc.Stream) -> socket.socket:
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket  # type: ignore[return-value]
+
+
+@dataclass
+class Helper:
+    """A helper process (the TLS bridge) as attach sees it: the kernel's side of each
+    connection is a socketpair end whose other end the helper relays over TLS."""
+
+    pid: int
+    log_path: str
+    connections: list[Connection]
+
+
+async def _undo(index: int | None, helper: Helper | None, record: devices.Record | None) -> None:
+    if index is not None:
+        try:
+            await trio.to_thread.run_sync(netlink.disconnect, index)
+        except OSError as exc:
+            log.warning("could not disconnect /dev/nbd%d: %s", index, exc)
+        await _wait_disconnected(index)
+    if helper is not None:
+        await stop_process(helper.pid)
+    if record is not None:
+        record.remove()
+
+
+async def _wait_disconnected(index: int) -> None:
+    with trio.move_on_after(10):
+        while any(s.connected for s in await trio.to_thread.run_sync(netlink.status, index)):
+            await trio.sleep(0.05)
+
+
+async def stop_process(pid: int | None) -> None:
+    """SIGTERM, then SIGKILL after 5 s; quiet if it has already gone."""
+    if not devices.pid_alive(pid):
+        return
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    with trio.move_on_after(5):
+        while devices.pid_alive(pid):
+            await trio.sleep(0.05)
+        return
+    os.kill(pid, signal.SIGKILL)
+
+
+async def detach(what: str) -> str:
+    """Unmount, disconnect, stop the helper, drop the record; returns what was done."""
+    require_root("erofs-nbd-detach")
+    index = devices.parse_device(what)
+    mountpoint: str | None = None
+    if index is None:
+        mountpoint = os.path.realpath(what)
+        index = devices.device_at(mountpoint)
+        if index is None:
+            raise AttachError(
+                ExitStatus.NOT_ATTACHED, f"{what} is not a mounted NBD device (erofs-nbd-list)"
+            )
+    else:
+        mountpoint = devices.mountpoint_of(index)
+    record = devices.load_record(index)
+    connected = any(s.connected for s in await trio.to_thread.run_sync(netlink.status, index))
+    if record is None and not connected and mountpoint is None:
+        raise AttachError(ExitStatus.NOT_ATTACHED, f"/dev/nbd{index} is not attached")
+    if mountpoint is not None:
+        result = await trio.run_process(
+            ["umount", mountpoint], check=False, capture_stdout=True, capture_stderr=True
+        )
+        if result.returncode:
+            text = result.stderr.decode(errors="replace").strip()
+            raise AttachError(
+                ExitStatus.FAILURE, f"umount {mountpoint} failed: {text} (in use? see fuser -m)"
+            )
+    # with DISCONNECT_ON_CLOSE the umount has usually disconnected it already
+    if any(s.connected for s in await trio.to_thread.run_sync(netlink.status, index)):
+        try:
+            await trio.to_thread.run_sync(netlink.disconnect, index)
+        except netlink.KernelRefused as exc:
+            log.warning("disconnect: %s", exc)
+    await _wait_disconnected(index)
+    if record is not None:
+        await stop_process(record.helper_pid)
+        if record.helper_log:
+            Path(record.helper_log).unlink(missing_ok=True)
+        record.remove()
+    return f"/dev/nbd{index}" + (f" (was mounted on {mountpoint})" if mountpoint else "")

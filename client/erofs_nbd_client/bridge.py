@@ -1,0 +1,186 @@
+"""The TLS bridge: the kernel speaks plaintext NBD, so a helper process relays between a
+socketpair end the kernel holds and the TLS connection to the server (as nbd-client does).
+
+attach starts it with ``posix_spawn`` in its own session, so it outlives attach. It connects,
+negotiates over TLS and reports the export's details (or its error) as one JSON line on a
+status pipe; attach returns only after that line. Then it relays in large batches until the
+kernel or the server closes. A requested disconnect (EOF from the kernel) is a quiet exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import trio
+
+from erofs_nbdd.protocol import Negotiated
+
+from . import devices
+from .attach import Connection, Helper, open_connections, tls_context
+from .errors import AttachError, ExitStatus
+from .negotiate import ExportDetails, Session
+from .target import Target
+
+log = logging.getLogger("erofs_nbd_client.bridge")
+RELAY_CHUNK = 1024 * 1024
+STATUS_TIMEOUT = 120
+
+
+async def start_bridge(target: Target, count: int) -> Helper:
+    """Spawn the bridge; return once it has negotiated every connection, or raise its error."""
+    devices.RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = devices.RUN_DIR / f"bridge-{uuid.uuid4().hex[:12]}.log"
+    pairs = [socket.socketpair() for _ in range(count)]
+    status_r, status_w = os.pipe()
+    child_fds = [b.fileno() for _, b in pairs] + [status_w]
+    spec = {
+        "target": {k: (str(v) if isinstance(v, Path) else v)
+                   for k, v in dataclasses.asdict(target).items()},
+        "fds": [b.fileno() for _, b in pairs],
+        "status_fd": status_w,
+    }  # fmt: skip
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for fd in child_fds:
+            os.set_inheritable(fd, True)
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-m", "erofs_nbd_client.bridge", json.dumps(spec)],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(log_fd)
+        os.close(status_w)
+        for _, b in pairs:
+            b.close()
+    try:
+        line = await trio.to_thread.run_sync(_read_status, status_r)
+    finally:
+        os.close(status_r)
+    try:
+        status = json.loads(line) if line else None
+    except ValueError:
+        status = None
+    if not status or not status.get("ok"):
+        for a, _ in pairs:
+            a.close()
+        _reap(pid)
+        if status is None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise AttachError(ExitStatus.FAILURE, f"the TLS helper died without a word: {tail}")
+        raise AttachError(ExitStatus(status["status"]), status["error"])
+    used = status["connections"]
+    for a, _ in pairs[used:]:
+        a.close()
+    details = ExportDetails(**status["details"])
+    conns = [
+        Connection(details, Session(trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+                                    Negotiated(), b""))
+        for a, _ in pairs[:used]
+    ]  # fmt: skip
+    return Helper(pid=pid, log_path=str(log_path), connections=conns)
+
+
+def _read_status(fd: int) -> bytes:
+    deadline = time.monotonic() + STATUS_TIMEOUT
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return b""
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def _reap(pid: int) -> None:
+    for _ in range(50):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.1)
+
+
+async def _relay(index: int, plain: trio.abc.Stream, secure: trio.abc.Stream) -> None:
+    """Copy both ways until either side closes; then close both."""
+    ended = "?"
+    async with trio.open_nursery() as nursery:
+
+        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, name: str) -> None:
+            nonlocal ended
+            try:
+                while data := await src.receive_some(RELAY_CHUNK):
+                    await dst.send_all(data)
+                ended = f"{name} closed"
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                ended = f"{name}: {exc.__cause__ or exc or 'connection lost'}"
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(pump, plain, secure, "kernel side")
+        nursery.start_soon(pump, secure, plain, "server side")
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(2):
+            await secure.aclose()
+        await trio.aclose_forcefully(secure)
+        await trio.aclose_forcefully(plain)
+    log.info("connection %d ended: %s", index, ended)
+
+
+async def run(spec: dict[str, object]) -> int:
+    raw = dict(spec["target"])  # type: ignore[call-overload]
+    if raw.get("cert_dir"):
+        raw["cert_dir"] = Path(raw["cert_dir"])
+    target = Target(**raw)
+    fds: list[int] = list(spec["fds"])  # type: ignore[call-overload]
+    with os.fdopen(int(spec["status_fd"]), "w") as status:  # type: ignore[call-overload]
+        try:
+            conns = await open_connections(target, len(fds), tls_context(target))
+        except AttachError as exc:
+            status.write(json.dumps({"ok": False, "status": int(exc.status), "error": str(exc)}))
+            status.write("\n")
+            return int(exc.status)
+        except Exception as exc:
+            log.exception("negotiation failed")
+            status.write(json.dumps({"ok": False, "status": 1, "error": repr(exc)}) + "\n")
+            return 1
+        details = dataclasses.asdict(conns[0].details)
+        message = {"ok": True, "connections": len(conns), "details": details}
+        status.write(json.dumps(message) + "\n")
+    log.info("bridging %d TLS connection(s) to %s", len(conns), target.describe())
+    for fd in fds[len(conns) :]:
+        os.close(fd)
+    async with trio.open_nursery() as nursery:
+        for i, (fd, conn) in enumerate(zip(fds, conns, strict=False)):
+            plain = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+            nursery.start_soon(_relay, i, plain, conn.session.stream)
+    log.info("all connections closed; exiting")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s bridge[%(process)d] %(levelname)s: %(message)s"
+    )
+    return trio.run(run, json.loads(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

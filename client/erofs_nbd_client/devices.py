@@ -1,0 +1,136 @@
+"""What the system says about NBD devices (sysfs, mountinfo) and what attach recorded.
+
+A record per device lives in /run/erofs-nbd/nbdN.json (0600): where the device's data comes
+from, its mount point and its helper process, so detach and list (and later reattach) work
+from any shell. Records hold paths and names, never secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RUN_DIR = Path(os.environ.get("EROFS_NBD_RUN_DIR", "/run/erofs-nbd"))
+SYS_BLOCK = Path("/sys/block")
+
+
+@dataclass
+class Record:
+    index: int
+    backend: str
+    server: str
+    export: str
+    connections: int
+    mountpoint: str
+    size: int
+    tls: bool = False
+    cert_dir: str | None = None
+    helper_pid: int | None = None
+    helper_log: str | None = None
+    attached_at: float = field(default_factory=time.time)
+
+    @property
+    def path(self) -> Path:
+        return RUN_DIR / f"nbd{self.index}.json"
+
+    def save(self) -> None:
+        RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def load_record(index: int) -> Record | None:
+    try:
+        data = json.loads((RUN_DIR / f"nbd{index}.json").read_text())
+        return Record(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def all_records() -> list[Record]:
+    out = []
+    for path in sorted(RUN_DIR.glob("nbd*.json")):
+        try:
+            out.append(Record(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue
+    return out
+
+
+def device_path(index: int) -> str:
+    return f"/dev/nbd{index}"
+
+
+def parse_device(text: str) -> int | None:
+    """The index in ``/dev/nbdN`` or ``nbdN``; None for anything else."""
+    name = text.removeprefix("/dev/")
+    if name.startswith("nbd") and name[3:].isdigit():
+        return int(name[3:])
+    return None
+
+
+def size_bytes(index: int) -> int:
+    try:
+        return int((SYS_BLOCK / f"nbd{index}" / "size").read_text()) * 512
+    except (OSError, ValueError):
+        return 0
+
+
+def backend_of(index: int) -> str | None:
+    try:
+        return (SYS_BLOCK / f"nbd{index}" / "backend").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(source, mount point) pairs from /proc/self/mountinfo, octal escapes decoded."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            mountpoint = _unescape(fields[4])
+            source = _unescape(fields[sep + 2])
+            out.append((source, mountpoint))
+    return out
+
+
+def _unescape(text: str) -> str:
+    return text.encode().decode("unicode_escape") if "\\" in text else text
+
+
+def mountpoint_of(index: int) -> str | None:
+    for source, mountpoint in mounts():
+        if source == device_path(index):
+            return mountpoint
+    return None
+
+
+def device_at(mountpoint: str) -> int | None:
+    target = os.path.realpath(mountpoint)
+    for source, mp in mounts():
+        if mp == target:
+            return parse_device(source)
+    return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
