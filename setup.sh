@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up erofs-nbdd on a Debian machine (as root) and then:
 #   ./setup.sh serve [ARGS...]  build images/demo.erofs if missing and serve images/ on :10809
-#   ./setup.sh test  [ARGS...]  run the whole test suite: ruff, mypy --strict, pytest
+#   ./setup.sh test             the whole test suite: ruff, mypy --strict, pytest on the host,
+#                               then the kernel tests inside a VM (tests/vm/vmrun.py)
+#   ./setup.sh test-host [ARGS] only the host tests (ARGS go to pytest)
+#   ./setup.sh test-kernel [ARGS] only the kernel tests, in the VM (ARGS go to pytest)
 #   ./setup.sh install          only install (system packages, .venv)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,6 +53,14 @@ build_demo() {
     rm -rf "$tree"
 }
 
+kernel_tests() {
+    say "pytest (kernel tests, inside a VM booted with qemu)"
+    # a guest writes nothing back: compile here so the guest does not import from source
+    "$VENV/bin/python" -m compileall -q "$VENV/lib" erofs_nbdd client tests >/dev/null
+    "$VENV/bin/python" tests/vm/vmrun.py --timeout 2400 -- \
+        "$VENV/bin/python" -m pytest tests/kernel -p no:cacheprovider "$@"
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -66,10 +77,17 @@ case "$cmd" in
         "$VENV/bin/ruff" format --check .
         say "mypy --strict"
         "$VENV/bin/mypy"
-        say "pytest"
-        # pytest exits 5 when it collected no test: that is a failure here, like any non-zero
+        # pytest exits 5 when it collected no test: a failure here, like any non-zero status
+        say "pytest (host)"
+        "$VENV/bin/python" -m pytest
+        kernel_tests ;;
+    test-host)
+        install_system; install_python
         exec "$VENV/bin/python" -m pytest "$@" ;;
+    test-kernel)
+        install_system; install_python
+        kernel_tests "$@" ;;
     *)
-        echo "usage: ./setup.sh serve [ARGS...] | test [PYTEST ARGS...] | install" >&2
+        echo "usage: ./setup.sh serve [ARGS...] | test | test-host [ARGS] | test-kernel [ARGS] | install" >&2
         exit 2 ;;
 esac

@@ -304,6 +304,7 @@ async def _undo(index: int | None, helper: Helper | None, record: devices.Record
         await _wait_disconnected(index)
     if helper is not None:
         await stop_process(helper.pid)
+        Path(helper.log_path).unlink(missing_ok=True)
     if record is not None:
         record.remove()
 

@@ -80,8 +80,9 @@ async def start_bridge(target: Target, count: int) -> Helper:
         for a, _ in pairs:
             a.close()
         _reap(pid)
+        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        log_path.unlink(missing_ok=True)  # a failed attach leaves nothing behind
         if status is None:
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise AttachError(ExitStatus.FAILURE, f"the TLS helper died without a word: {tail}")
         raise AttachError(ExitStatus(status["status"]), status["error"])
     used = status["connections"]

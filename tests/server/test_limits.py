@@ -155,7 +155,7 @@ async def test_shutdown_finishes_in_flight_requests_then_returns(
         await stream.send_all(requests)
         await trio.lowlevel.checkpoint()
         with trio.fail_after(10):  # bounded wait until the server has parsed all eight
-            while sum(c.stats.requests for c in server.connections) < 8:  # noqa: ASYNC110
+            while sum(c.stats.requests for c in server.connections) < 8:
                 await trio.sleep(0.01)
         server.shutdown()
         received = await read_all(stream)

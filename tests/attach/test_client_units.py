@@ -1,0 +1,123 @@
+"""The attach client's parts that need no kernel: SERVER parsing, block sizes, records, and
+what it says on a machine without the NBD driver (this host has none)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erofs_nbd_client import devices
+from erofs_nbd_client.attach import kernel_block_size
+from erofs_nbd_client.errors import ExitStatus
+from erofs_nbd_client.negotiate import ExportDetails
+from erofs_nbd_client.target import Target, parse_target
+
+from ..interop.conftest import start_server_process, stop_server_process
+
+
+@pytest.mark.parametrize(
+    ("text", "export", "target"),
+    [
+        ("host:1234", None, Target(host="host", port=1234)),
+        ("host", "img", Target(host="host", port=10809, export="img")),
+        ("[::1]:99", None, Target(host="::1", port=99)),
+        ("nbd://h/team/app-v2", None, Target(host="h", export="team/app-v2")),
+        ("nbd://h:7/x", "y", Target(host="h", port=7, export="y")),
+        ("nbd://[::1]:7/x%20y", None, Target(host="::1", port=7, export="x y")),
+        ("nbds://h/x?tls-certificates=/p", None,
+         Target(host="h", export="x", tls=True, cert_dir=Path("/p"))),
+        ("nbd+unix:///x?socket=/run/s", None, Target(unix_path="/run/s", export="x")),
+        ("nbds+unix:///?socket=/s", None, Target(unix_path="/s", tls=True)),
+    ],
+)  # fmt: skip
+def test_parse_target(text: str, export: str | None, target: Target) -> None:
+    assert parse_target(text, export=export) == target
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("http://h/x", "scheme"),
+        ("nbd+unix:///x", "socket=PATH"),
+        ("::1:80", r"\[ADDR\]"),
+        ("h:0", "1..65535"),
+        ("h:x", "number"),
+        (":80", "no host"),
+    ],
+)
+def test_parse_target_errors(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_target(text)
+
+
+def test_describe_round_trips() -> None:
+    for text in ["nbd://h:1/x", "nbds://[::1]:2/y", "nbd+unix:///z?socket=/s"]:
+        assert parse_target(text).describe() == text
+
+
+@pytest.mark.parametrize(
+    ("block_size", "expect"),
+    [(None, 4096), ((512, 4096, 1 << 25), 4096), ((512, 512, 0), 512), ((512, 1 << 16, 0), 4096),
+     ((1024, 512, 0), 1024), ((1, 3000, 0), 4096)],
+)  # fmt: skip
+def test_kernel_block_size(block_size: tuple[int, int, int] | None, expect: int) -> None:
+    assert os.sysconf("SC_PAGE_SIZE") == 4096
+    assert kernel_block_size(ExportDetails("x", block_size=block_size)) == expect
+
+
+def test_records_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "RUN_DIR", tmp_path / "run")
+    record = devices.Record(
+        index=3, backend="b", server="nbd://h/x", export="x", connections=2, mountpoint="/m",
+        size=4096,
+    )  # fmt: skip
+    record.save()
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
+    assert record.path.stat().st_mode & 0o777 == 0o600
+    assert devices.load_record(3) == record
+    assert devices.all_records() == [record]
+    record.remove()
+    assert devices.load_record(3) is None
+
+
+@pytest.mark.parametrize(("text", "index"), [("/dev/nbd3", 3), ("nbd12", 12), ("/dev/sda", None),
+                                             ("/mnt", None), ("nbdx", None)])  # fmt: skip
+def test_parse_device(text: str, index: int | None) -> None:
+    assert devices.parse_device(text) == index
+
+
+def attach_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "erofs_nbd_client", *args], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    result = attach_cli("http://x/y", str(tmp_path))
+    assert result.returncode == ExitStatus.USAGE
+    assert "scheme" in result.stderr
+    result = attach_cli("h:1", str(tmp_path), "--connections", "99")
+    assert result.returncode == ExitStatus.USAGE
+    result = attach_cli("h:1", str(tmp_path), "--device", "/dev/sda")
+    assert result.returncode == ExitStatus.USAGE
+
+
+def test_no_nbd_driver_is_named(images: Path, tmp_path: Path) -> None:
+    """On this host (no nbd module): a clear error naming the module, before any socket
+    reaches the kernel, and nothing left behind."""
+    if os.geteuid() != 0 or os.path.exists("/dev/nbd0"):
+        pytest.fail("needs root on a host without the NBD driver (as ./setup.sh test runs)")
+    server = start_server_process(images)
+    try:
+        result = attach_cli(server.uri("demo"), str(tmp_path))
+    finally:
+        assert stop_server_process(server) == 0
+    assert result.returncode == ExitStatus.NO_KERNEL_SUPPORT, result.stderr
+    assert "nbd" in result.stderr
+    assert "modprobe" in result.stderr
+    assert not os.path.ismount(tmp_path)

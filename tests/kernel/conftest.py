@@ -1,0 +1,142 @@
+"""Kernel-level fixtures: the nbd and erofs modules, servers on loopback, and the attach CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from erofs_nbd_client import netlink
+from erofs_nbd_client.devices import RUN_DIR
+
+from ..conftest import require_tool
+from ..interop.conftest import RunningServer, start_server_process, stop_server_process
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_modules() -> None:
+    if os.environ.get("VMRUN_GUEST") != "1" or os.geteuid() != 0:
+        pytest.fail("kernel tests run as root inside the VM: python tests/vm/vmrun.py -- ...")
+    subprocess.run(["modprobe", "nbd", "nbds_max=16"], check=True)
+    subprocess.run(["modprobe", "erofs"], check=True)
+    assert netlink.family_available()
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(name: str, *args: str, user: int | None = None, timeout: float = 300) -> Result:
+    """One of our console scripts, as a real process (as ``user`` if given)."""
+    proc = subprocess.run(
+        [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout,
+        user=user, group=user,
+    )  # fmt: skip
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def connected_devices() -> list[int]:
+    return [s.index for s in netlink.status() if s.connected]
+
+
+def our_helpers() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "erofs_nbd_client.bridge" in line]
+
+
+def assert_nothing_left() -> None:
+    """No device connected, no helper running, no record or log in the run directory."""
+    deadline = time.monotonic() + 15
+    while (connected_devices() or our_helpers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert connected_devices() == []
+    assert our_helpers() == []
+    leftovers = sorted(p.name for p in RUN_DIR.glob("*")) if RUN_DIR.exists() else []
+    assert leftovers == []
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Every entry under ``root``: (kind, mode bits, sha256 or link target or size)."""
+    out: dict[str, tuple[str, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", stat.S_IMODE(st.st_mode), os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), "")
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), f"{st.st_size}:{digest}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    subprocess.run(
+        [sys.executable, "-m", "erofs_nbdd", "certs", str(d), "--client", "vm"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="session")
+def plain_server(images: Path) -> Iterator[RunningServer]:
+    server = start_server_process(images)
+    yield server
+    assert stop_server_process(server) == 0
+
+
+@pytest.fixture(scope="session")
+def tls_server(images: Path, certs: Path) -> Iterator[RunningServer]:
+    server = start_server_process(
+        images, "--tls", "require", "--tls-certificates", str(certs), "--tls-verify-peer"
+    )
+    yield server
+    assert stop_server_process(server) == 0
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    yield mp
+    if os.path.ismount(mp):  # a failed test must not leave a mount behind for the next
+        subprocess.run(["umount", "-l", str(mp)], check=False)
+    for index in connected_devices():
+        subprocess.run([str(BIN / "erofs-nbd-detach"), f"/dev/nbd{index}"], check=False)
+
+
+def start_peer(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
+    """A server nobody here wrote, listening on 127.0.0.1:port."""
+    import socket
+
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{cmd[0]} did not start: {process.communicate()[1].decode()}")
+        time.sleep(0.1)
+
+
+__all__ = ["Result", "assert_nothing_left", "cli", "require_tool", "start_peer", "tree_digest"]
