@@ -171,12 +171,14 @@ def kernel_block_size(details: ExportDetails) -> int:
     return size
 
 
-async def ensure_kernel_support() -> None:
-    if await trio.to_thread.run_sync(netlink.family_available):
-        return
+async def ensure_kernel_support() -> str:
+    """ "netlink", or "ioctl" when the nbd module has no netlink family (kernels < 4.12)."""
+    forced = os.environ.get("EROFS_NBD_FORCE_IOCTL") == "1"  # tests of the old path
+    if not forced and await trio.to_thread.run_sync(netlink.family_available):
+        return "netlink"
     result = await trio.run_process(["modprobe", "nbd"], check=False, capture_stderr=True)
-    if await trio.to_thread.run_sync(netlink.family_available):
-        return
+    if not forced and await trio.to_thread.run_sync(netlink.family_available):
+        return "netlink"
     if not os.path.exists("/dev/nbd0"):
         detail = result.stderr.decode(errors="replace").strip()
         raise AttachError(
@@ -184,11 +186,45 @@ async def ensure_kernel_support() -> None:
             "the kernel has no NBD driver: install or build the 'nbd' module "
             f"(CONFIG_BLK_DEV_NBD) and run modprobe nbd ({detail or 'modprobe failed'})",
         )
-    raise AttachError(
-        ExitStatus.NO_KERNEL_SUPPORT,
-        "the nbd module has no netlink interface (kernel older than 4.12?); "
-        "erofs-nbd-attach needs it for safe attach and failover",
+    log.warning(
+        "the nbd module has no netlink interface (kernel older than 4.12?): using the ioctl "
+        "interface; a lost connection cannot be replaced, so failover is unavailable"
     )
+    return "ioctl"
+
+
+async def _ioctl_connect(
+    device: int | None, details: ExportDetails, sock: socket.socket, request_timeout: int
+) -> tuple[int, int, str]:
+    """Set the device up through a holder process sitting in NBD_DO_IT: (index, pid, log)."""
+    from . import ioctl
+    from .spawn import read_line, reap, spawn
+
+    index = device if device is not None else ioctl.free_device()
+    if index is None:
+        raise AttachError(ExitStatus.DEVICE_BUSY, "no free /dev/nbdN (modprobe nbd nbds_max=N)")
+    devices.RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = devices.RUN_DIR / f"ioctl-nbd{index}.log"
+    status_r, status_w = os.pipe()
+    block = kernel_block_size(details)
+    args = [index, details.size, block, details.flags, request_timeout, sock.fileno(), status_w]
+    try:
+        pid = spawn(
+            "erofs_nbd_client.ioctl", [str(a) for a in args], [sock.fileno(), status_w], log_path
+        )
+    finally:
+        os.close(status_w)
+    try:
+        line = await trio.to_thread.run_sync(read_line, status_r, 30)
+    finally:
+        os.close(status_r)
+    if line != b"ok":
+        reap(pid)
+        log_path.unlink(missing_ok=True)
+        raise AttachError(
+            ExitStatus.FAILURE, f"ioctl set-up of /dev/nbd{index} failed: {line.decode()}"
+        )
+    return index, pid, str(log_path)
 
 
 async def _mount(index: int, options: AttachOptions) -> None:
@@ -206,7 +242,7 @@ async def _mount(index: int, options: AttachOptions) -> None:
 
 async def _wait_for_device(index: int, size: int) -> None:
     with trio.move_on_after(20):
-        while devices.size_bytes(index) != size or not os.path.exists(devices.device_path(index)):
+        while devices.size_bytes(index) != size or not devices.is_connected(index):
             await trio.sleep(0.05)
         return
     raise AttachError(ExitStatus.FAILURE, f"/dev/nbd{index} did not come up with {size} bytes")
@@ -222,7 +258,7 @@ async def attach(options: AttachOptions) -> devices.Record:
         s.connected for s in await trio.to_thread.run_sync(netlink.status, options.device)
     ):
         raise AttachError(ExitStatus.DEVICE_BUSY, f"/dev/nbd{options.device} is already in use")
-    await ensure_kernel_support()
+    interface = await ensure_kernel_support()
     target = options.target
     backend = f"erofs-nbd-attach:{uuid.uuid4()}"
     helper: Helper | None = None
@@ -233,7 +269,14 @@ async def attach(options: AttachOptions) -> devices.Record:
         conns = helper.connections
     else:
         conns = await open_connections(target, options.connections, None)
+    if interface == "ioctl" and len(conns) > 1:
+        log.warning("the ioctl interface takes one connection; using one")
+        for extra in conns[1:]:
+            await trio.aclose_forcefully(extra.session.stream)
+        conns = conns[:1]
     kernel_socks = [_socket_of(c.session.stream) for c in conns]
+    pids = [helper.pid] if helper else []
+    logs = [helper.log_path] if helper else []
     index: int | None = None
     record: devices.Record | None = None
     try:
@@ -249,11 +292,18 @@ async def attach(options: AttachOptions) -> devices.Record:
             backend_identifier=backend,
             index=options.device,
         )
-        try:
-            index = await trio.to_thread.run_sync(netlink.connect, request)
-        except netlink.KernelRefused as exc:
-            status = ExitStatus.DEVICE_BUSY if "EBUSY" in str(exc) else ExitStatus.FAILURE
-            raise AttachError(status, str(exc)) from exc
+        if interface == "ioctl":
+            index, holder, holder_log = await _ioctl_connect(
+                options.device, details, kernel_socks[0], options.timeout
+            )
+            pids.append(holder)
+            logs.append(holder_log)
+        else:
+            try:
+                index = await trio.to_thread.run_sync(netlink.connect, request)
+            except netlink.KernelRefused as exc:
+                status = ExitStatus.DEVICE_BUSY if "EBUSY" in str(exc) else ExitStatus.FAILURE
+                raise AttachError(status, str(exc)) from exc
         for conn in conns:  # the kernel holds its own references now
             await trio.aclose_forcefully(conn.session.stream)
         await _wait_for_device(index, details.size)
@@ -262,21 +312,23 @@ async def attach(options: AttachOptions) -> devices.Record:
             connections=len(conns), mountpoint=os.path.realpath(options.mountpoint),
             size=details.size, tls=target.tls,
             cert_dir=str(target.cert_dir) if target.cert_dir else None,
-            helper_pid=helper.pid if helper else None,
-            helper_log=helper.log_path if helper else None,
+            interface=interface, helper_pids=pids, helper_logs=logs,
         )  # fmt: skip
         record.save()
         await _mount(index, options)
-        flags = netlink.ClientFlag.DISCONNECT_ON_CLOSE  # a plain umount frees the device
-        await trio.to_thread.run_sync(
-            lambda: netlink.reconfigure(index, backend, client_flags=flags)
-        )
+        if interface == "netlink":
+            flags = netlink.ClientFlag.DISCONNECT_ON_CLOSE  # a plain umount frees the device
+            await trio.to_thread.run_sync(
+                lambda: netlink.reconfigure(index, backend, client_flags=flags)
+            )
         return record
     except BaseException:
         with trio.CancelScope(shield=True):
             for conn in conns:
                 await trio.aclose_forcefully(conn.session.stream)
-            await _undo(index, helper, record)
+            await _undo(index, interface, pids, logs)
+            if record is not None:
+                record.remove()
         raise
 
 
@@ -295,24 +347,31 @@ class Helper:
     connections: list[Connection]
 
 
-async def _undo(index: int | None, helper: Helper | None, record: devices.Record | None) -> None:
-    if index is not None:
+async def _disconnect(index: int, interface: str) -> None:
+    """Drop the device's connections and wait (bounded) until the kernel agrees."""
+    if devices.is_connected(index):
         try:
-            await trio.to_thread.run_sync(netlink.disconnect, index)
+            if interface == "ioctl":
+                from . import ioctl
+
+                await trio.to_thread.run_sync(ioctl.disconnect, index)
+            else:
+                await trio.to_thread.run_sync(netlink.disconnect, index)
         except OSError as exc:
             log.warning("could not disconnect /dev/nbd%d: %s", index, exc)
-        await _wait_disconnected(index)
-    if helper is not None:
-        await stop_process(helper.pid)
-        Path(helper.log_path).unlink(missing_ok=True)
-    if record is not None:
-        record.remove()
-
-
-async def _wait_disconnected(index: int) -> None:
     with trio.move_on_after(10):
-        while any(s.connected for s in await trio.to_thread.run_sync(netlink.status, index)):
+        while devices.is_connected(index):
             await trio.sleep(0.05)
+
+
+async def _undo(index: int | None, interface: str, pids: list[int], logs: list[str]) -> None:
+    """Disconnect, stop the helpers, remove their logs: what any failed attach must do."""
+    if index is not None:
+        await _disconnect(index, interface)
+    for pid in pids:
+        await stop_process(pid)
+    for path in logs:
+        Path(path).unlink(missing_ok=True)
 
 
 async def stop_process(pid: int | None) -> None:
@@ -343,8 +402,7 @@ async def detach(what: str) -> str:
     else:
         mountpoint = devices.mountpoint_of(index)
     record = devices.load_record(index)
-    connected = any(s.connected for s in await trio.to_thread.run_sync(netlink.status, index))
-    if record is None and not connected and mountpoint is None:
+    if record is None and not devices.is_connected(index) and mountpoint is None:
         raise AttachError(ExitStatus.NOT_ATTACHED, f"/dev/nbd{index} is not attached")
     if mountpoint is not None:
         result = await trio.run_process(
@@ -356,15 +414,9 @@ async def detach(what: str) -> str:
                 ExitStatus.FAILURE, f"umount {mountpoint} failed: {text} (in use? see fuser -m)"
             )
     # with DISCONNECT_ON_CLOSE the umount has usually disconnected it already
-    if any(s.connected for s in await trio.to_thread.run_sync(netlink.status, index)):
-        try:
-            await trio.to_thread.run_sync(netlink.disconnect, index)
-        except netlink.KernelRefused as exc:
-            log.warning("disconnect: %s", exc)
-    await _wait_disconnected(index)
-    if record is not None:
-        await stop_process(record.helper_pid)
-        if record.helper_log:
-            Path(record.helper_log).unlink(missing_ok=True)
+    if record is None:
+        await _undo(index, "netlink", [], [])
+    else:
+        await _undo(index, record.interface, record.helper_pids, record.helper_logs)
         record.remove()
     return f"/dev/nbd{index}" + (f" (was mounted on {mountpoint})" if mountpoint else "")

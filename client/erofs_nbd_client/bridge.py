@@ -13,10 +13,8 @@ import dataclasses
 import json
 import logging
 import os
-import select
 import socket
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from . import devices
 from .attach import Connection, Helper, open_connections, tls_context
 from .errors import AttachError, ExitStatus
 from .negotiate import ExportDetails, Session
+from .spawn import read_line, reap, spawn
 from .target import Target
 
 log = logging.getLogger("erofs_nbd_client.bridge")
@@ -41,35 +40,21 @@ async def start_bridge(target: Target, count: int) -> Helper:
     log_path = devices.RUN_DIR / f"bridge-{uuid.uuid4().hex[:12]}.log"
     pairs = [socket.socketpair() for _ in range(count)]
     status_r, status_w = os.pipe()
-    child_fds = [b.fileno() for _, b in pairs] + [status_w]
+    child_fds = [b.fileno() for _, b in pairs]
     spec = {
         "target": {k: (str(v) if isinstance(v, Path) else v)
                    for k, v in dataclasses.asdict(target).items()},
-        "fds": [b.fileno() for _, b in pairs],
+        "fds": child_fds,
         "status_fd": status_w,
     }  # fmt: skip
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        for fd in child_fds:
-            os.set_inheritable(fd, True)
-        pid = os.posix_spawn(
-            sys.executable,
-            [sys.executable, "-m", "erofs_nbd_client.bridge", json.dumps(spec)],
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ],
-            setsid=True,
-        )
+        pid = spawn("erofs_nbd_client.bridge", [json.dumps(spec)], [*child_fds, status_w], log_path)
     finally:
-        os.close(log_fd)
         os.close(status_w)
         for _, b in pairs:
             b.close()
     try:
-        line = await trio.to_thread.run_sync(_read_status, status_r)
+        line = await trio.to_thread.run_sync(read_line, status_r, STATUS_TIMEOUT)
     finally:
         os.close(status_r)
     try:
@@ -79,7 +64,7 @@ async def start_bridge(target: Target, count: int) -> Helper:
     if not status or not status.get("ok"):
         for a, _ in pairs:
             a.close()
-        _reap(pid)
+        reap(pid)
         tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
         log_path.unlink(missing_ok=True)  # a failed attach leaves nothing behind
         if status is None:
@@ -95,28 +80,6 @@ async def start_bridge(target: Target, count: int) -> Helper:
         for a, _ in pairs[:used]
     ]  # fmt: skip
     return Helper(pid=pid, log_path=str(log_path), connections=conns)
-
-
-def _read_status(fd: int) -> bytes:
-    deadline = time.monotonic() + STATUS_TIMEOUT
-    data = b""
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return b""
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
-
-
-def _reap(pid: int) -> None:
-    for _ in range(50):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.1)
 
 
 async def _relay(index: int, plain: trio.abc.Stream, secure: trio.abc.Stream) -> None:

@@ -124,7 +124,7 @@ def list_main(argv: Sequence[str] | None = None) -> int:
     for index in sorted(set(records) | {i for i, c in status.items() if c}):
         r = records.get(index)
         connected = status.get(index, False)
-        helper_ok = r is None or r.helper_pid is None or devices.pid_alive(r.helper_pid)
+        helper_ok = r is None or all(devices.pid_alive(pid) for pid in r.helper_pids)
         state = "connected" if connected else "disconnected"
         if connected and not helper_ok:
             state = "connected, helper gone"
@@ -137,7 +137,8 @@ def list_main(argv: Sequence[str] | None = None) -> int:
             "connections": r.connections if r else None,
             "mountpoint": devices.mountpoint_of(index),
             "tls": r.tls if r else None,
-            "helper_pid": r.helper_pid if r else None,
+            "interface": r.interface if r else None,
+            "helper_pids": r.helper_pids if r else [],
             "backend": devices.backend_of(index) or (r.backend if r else None),
         })  # fmt: skip
     if args.json:

@@ -28,8 +28,9 @@ class Record:
     size: int
     tls: bool = False
     cert_dir: str | None = None
-    helper_pid: int | None = None
-    helper_log: str | None = None
+    interface: str = "netlink"  # or "ioctl" (no failover possible)
+    helper_pids: list[int] = field(default_factory=list)  # TLS bridge, ioctl holder
+    helper_logs: list[str] = field(default_factory=list)
     attached_at: float = field(default_factory=time.time)
 
     @property
@@ -83,6 +84,11 @@ def size_bytes(index: int) -> int:
         return int((SYS_BLOCK / f"nbd{index}" / "size").read_text()) * 512
     except (OSError, ValueError):
         return 0
+
+
+def is_connected(index: int) -> bool:
+    """sysfs has ``pid`` while a device is connected, by netlink or by ioctl."""
+    return (SYS_BLOCK / f"nbd{index}" / "pid").exists()
 
 
 def backend_of(index: int) -> str | None:

@@ -39,11 +39,17 @@ class Result:
     stderr: str
 
 
-def cli(name: str, *args: str, user: int | None = None, timeout: float = 300) -> Result:
-    """One of our console scripts, as a real process (as ``user`` if given)."""
+def cli(
+    name: str,
+    *args: str,
+    user: int | None = None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """One of our console scripts, as a real process (as ``user``, with ``env`` added)."""
     proc = subprocess.run(
         [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout,
-        user=user, group=user,
+        user=user, group=user, env={**os.environ, **(env or {})},
     )  # fmt: skip
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -54,7 +60,7 @@ def connected_devices() -> list[int]:
 
 def our_helpers() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "erofs_nbd_client.bridge" in line]
+    return [line for line in out.splitlines() if "erofs_nbd_client." in line]
 
 
 def assert_nothing_left() -> None:

@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from ..interop.conftest import RunningServer
 
 
-def attach_and_check(uri: str, mountpoint: Path, source: Path, *extra: str) -> dict[str, object]:
-    result = cli("erofs-nbd-attach", uri, str(mountpoint), *extra)
+def attach_and_check(
+    uri: str, mountpoint: Path, source: Path, *extra: str, env: dict[str, str] | None = None
+) -> dict[str, object]:
+    result = cli("erofs-nbd-attach", uri, str(mountpoint), *extra, env=env)
     assert result.returncode == 0, result.stderr
     listed: list[dict[str, object]] = json.loads(cli("erofs-nbd-list", "--json").stdout)
     (row,) = [r for r in listed if r["mountpoint"] == str(mountpoint)]
@@ -58,6 +60,35 @@ def test_attach_our_server_over_tls(
     assert row["connections"] == connections
     assert row["tls"] is True
     assert "CN=vm" in tls_server.log_text()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_ioctl_fallback(
+    plain_server: RunningServer,
+    tls_server: RunningServer,
+    certs: Path,
+    mountpoint: Path,
+    source_tree: Path,
+    tls: bool,
+) -> None:
+    """Kernels without the netlink family: the ioctl interface, one connection, and a warning
+    that failover is unavailable (forced here: this kernel has netlink)."""
+    uri = f"nbds://{tls_server.address}/demo" if tls else plain_server.uri("demo")
+    extra = ["--tls-certificates", str(certs / "clients" / "vm")] if tls else []
+    force = {"EROFS_NBD_FORCE_IOCTL": "1"}
+    result = cli("erofs-nbd-attach", uri, str(mountpoint), "--connections", "2", *extra,
+                 env=force)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "failover is unavailable" in result.stderr
+    listed = json.loads(cli("erofs-nbd-list", "--json").stdout)
+    (row,) = listed
+    assert row["interface"] == "ioctl"
+    assert row["connections"] == 1
+    assert len(row["helper_pids"]) == (2 if tls else 1)
+    assert tree_digest(mountpoint) == tree_digest(source_tree)
+    assert cli("erofs-nbd-detach", str(mountpoint)).returncode == 0
+    assert not os.path.ismount(mountpoint)
+    assert_nothing_left()
 
 
 def test_attach_nbdkit(images: Path, mountpoint: Path, source_tree: Path) -> None:

@@ -8,7 +8,6 @@ $B mount -t devtmpfs dev /dev
 $B mkdir -p /dev/pts /dev/shm
 $B mount -t devpts devpts /dev/pts
 $B mount -t tmpfs tmpfs /dev/shm
-$B mount -t tmpfs tmpfs /tmp
 for arg in $($B cat /proc/cmdline); do
     case "$arg" in
         vmrun.rundir=*) RUNDIR=${arg#vmrun.rundir=} ;;
