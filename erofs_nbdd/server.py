@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .address import parse_port, split_host_port
 from .connection import ClientGone, Connection, LimitExceeded, Refused
 from .exports import ExportDirectory
 from .protocol import ProtocolError
@@ -43,23 +44,11 @@ def parse_listen(text: str, default_port: int = 10809) -> ListenSpec:
         if not path:
             raise ListenError("unix: needs a path, e.g. unix:/run/erofs-nbdd.sock")
         return ListenSpec("unix", path=path)
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ListenError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            host, port_text = text, ""
-        if ":" in host:
-            raise ListenError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
     try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise ListenError(f"{text!r}: the port must be a number") from None
-    if not 0 <= port <= 65535:
-        raise ListenError(f"{text!r}: the port must be 0..65535")
+        host, port_text = split_host_port(text)
+        port = parse_port(text, port_text, default_port, allow_zero=True)
+    except ValueError as exc:
+        raise ListenError(str(exc)) from None
     return ListenSpec("tcp", host=host or None, port=port)
 
 

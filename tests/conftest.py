@@ -62,3 +62,20 @@ def images(tmp_path_factory: pytest.TempPathFactory, source_tree: Path) -> Path:
     (root / "escape.erofs").symlink_to(outside)
     (root / "alias.erofs").symlink_to("team/app-v2.erofs")
     return root
+
+
+@pytest.fixture(scope="session")
+def made_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Certificates made by `erofs-nbdd certs` itself: a CA, a server certificate for
+    localhost, and client directories for "alice" and "anonymous" (the CA only)."""
+    import sys
+
+    d = tmp_path_factory.mktemp("certs")
+    subprocess.run(
+        [sys.executable, "-m", "erofs_nbdd", "certs", str(d), "--client", "alice"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    anonymous = d / "clients" / "anonymous"
+    anonymous.mkdir()
+    (anonymous / "ca-cert.pem").write_bytes((d / "ca-cert.pem").read_bytes())
+    return d

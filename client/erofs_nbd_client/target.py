@@ -7,6 +7,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from erofs_nbdd.address import parse_port, split_host_port
+
 DEFAULT_PORT = 10809
 
 
@@ -36,26 +38,10 @@ def parse_target(text: str, *, export: str | None = None) -> Target:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            host, port_text = text, ""
-        if ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+    host, port_text = split_host_port(text)
     if not host:
         raise ValueError(f"{text!r}: no host")
-    try:
-        port = int(port_text) if port_text else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"{text!r}: the port must be a number") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"{text!r}: the port must be 1..65535")
-    return host, port
+    return host, parse_port(text, port_text, DEFAULT_PORT, allow_zero=False)
 
 
 def _parse_uri(text: str, export: str | None) -> Target:

@@ -116,19 +116,7 @@ class ClientHandshake:
         self._option = None
         return ExportNameReply(size, flags)
 
-    def _reply(
-        self, opt: int, rep: int, data: bytes
-    ) -> (
-        OptionAck
-        | OptionError
-        | ServerEntry
-        | ExportInfo
-        | NameInfo
-        | DescriptionInfo
-        | BlockSizeInfo
-        | UnknownInfo
-        | MetaContext
-    ):
+    def _reply(self, opt: int, rep: int, data: bytes) -> HandshakeReply:
         if rep & (1 << 31):
             self.state = State.OPTIONS
             self._option = None
@@ -151,17 +139,7 @@ class ClientHandshake:
         except (ValueError, IndexError) as exc:
             raise RemoteProtocolError(f"malformed reply to option {opt}: {exc}") from exc
 
-    def _partial(
-        self, opt: int, rep: Rep, data: bytes
-    ) -> (
-        ServerEntry
-        | ExportInfo
-        | NameInfo
-        | DescriptionInfo
-        | BlockSizeInfo
-        | UnknownInfo
-        | MetaContext
-    ):
+    def _partial(self, opt: int, rep: Rep, data: bytes) -> HandshakeReply:
         if rep is Rep.SERVER:
             name, pos = read_string(data, 0, "export name")
             return ServerEntry(name, data[pos:].decode("utf-8", "replace"))

@@ -6,7 +6,6 @@ import hashlib
 import json
 import ssl
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -28,16 +27,8 @@ pytestmark = pytest.mark.interop
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    subprocess.run(
-        [sys.executable, "-m", "erofs_nbdd", "certs", str(d), "--client", "alice"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    anonymous = d / "clients" / "anonymous"
-    anonymous.mkdir()
-    (anonymous / "ca-cert.pem").write_bytes((d / "ca-cert.pem").read_bytes())
-    return d
+def certs(made_certs: Path) -> Path:
+    return made_certs
 
 
 MODES = {

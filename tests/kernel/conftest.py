@@ -93,13 +93,8 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int, str]]:
 
 
 @pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    subprocess.run(
-        [sys.executable, "-m", "erofs_nbdd", "certs", str(d), "--client", "vm"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return d
+def certs(made_certs: Path) -> Path:
+    return made_certs
 
 
 @pytest.fixture(scope="session")

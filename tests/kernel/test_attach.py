@@ -55,11 +55,11 @@ def test_attach_our_server_over_tls(
     uri = f"nbds://{tls_server.address}/demo"
     row = attach_and_check(
         uri, mountpoint, source_tree, "--connections", str(connections),
-        "--tls-certificates", str(certs / "clients" / "vm"),
+        "--tls-certificates", str(certs / "clients" / "alice"),
     )  # fmt: skip
     assert row["connections"] == connections
     assert row["tls"] is True
-    assert "CN=vm" in tls_server.log_text()
+    assert "CN=alice" in tls_server.log_text()
 
 
 @pytest.mark.parametrize("tls", [False, True])
@@ -74,7 +74,7 @@ def test_ioctl_fallback(
     """Kernels without the netlink family: the ioctl interface, one connection, and a warning
     that failover is unavailable (forced here: this kernel has netlink)."""
     uri = f"nbds://{tls_server.address}/demo" if tls else plain_server.uri("demo")
-    extra = ["--tls-certificates", str(certs / "clients" / "vm")] if tls else []
+    extra = ["--tls-certificates", str(certs / "clients" / "alice")] if tls else []
     force = {"EROFS_NBD_FORCE_IOCTL": "1"}
     result = cli("erofs-nbd-attach", uri, str(mountpoint), "--connections", "2", *extra,
                  env=force)  # fmt: skip
