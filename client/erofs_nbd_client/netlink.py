@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import errno
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,4 +211,56 @@ def status(index: int | None = None) -> list[DeviceStatus]:
                     bool(item.get_attr("NBD_DEVICE_CONNECTED")),
                 )
             )
+    return out
+
+
+# --- multicast: the kernel announces a dead link (not a requested disconnect) ----------------
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_GENERIC = 16
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+def multicast_group() -> int:
+    """The id of ``nbd_mc_group`` (blocking: call from a thread)."""
+    sock = GenericNetlinkSocket()
+    try:
+        try:
+            sock.bind(FAMILY, nbd_msg)
+        except NetlinkError as exc:
+            raise NetlinkUnavailable(exc.code, "no 'nbd' netlink family (modprobe nbd)") from None
+        return int(sock.mcast_groups[MULTICAST_GROUP])
+    finally:
+        sock.close()
+
+
+def link_dead_socket(group: int) -> socket.socket:
+    """A plain netlink socket subscribed to ``group``: reads are LINK_DEAD announcements.
+    A plain socket (not pyroute2's) so an event loop can wait on it and close it at will."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+    try:
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def parse_link_dead(data: bytes) -> list[int]:
+    """Device indexes announced dead in one datagram (which may hold several messages)."""
+    out: list[int] = []
+    pos = 0
+    while pos + _NLMSGHDR.size <= len(data):
+        length = _NLMSGHDR.unpack_from(data, pos)[0]
+        if length < _NLMSGHDR.size or pos + length > len(data):
+            break
+        msg = nbd_msg(data[pos : pos + length])
+        msg.decode()
+        if msg["cmd"] == GenlCmd.LINK_DEAD:
+            index = msg.get_attr("NBD_ATTR_INDEX")
+            if index is not None:
+                out.append(int(index))
+        pos += (length + 3) & ~3
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_nbd_client import devices
+from erofs_nbd_client import devices, netlink
 from erofs_nbd_client.attach import kernel_block_size
 from erofs_nbd_client.errors import ExitStatus
 from erofs_nbd_client.negotiate import ExportDetails
@@ -121,3 +121,18 @@ def test_no_nbd_driver_is_named(images: Path, tmp_path: Path) -> None:
     assert "nbd" in result.stderr
     assert "modprobe" in result.stderr
     assert not os.path.ismount(tmp_path)
+
+
+def test_parse_link_dead_ignores_other_commands() -> None:
+    msg = netlink.nbd_msg()
+    msg["cmd"] = netlink.GenlCmd.STATUS
+    msg["version"] = 1
+    msg["attrs"] = [("NBD_ATTR_INDEX", 3)]
+    msg.encode()
+    assert netlink.parse_link_dead(bytes(msg.data)) == []
+    msg = netlink.nbd_msg()
+    msg["cmd"] = netlink.GenlCmd.LINK_DEAD
+    msg["version"] = 1
+    msg["attrs"] = [("NBD_ATTR_INDEX", 7)]
+    msg.encode()
+    assert netlink.parse_link_dead(bytes(msg.data) * 2) == [7, 7]

@@ -35,10 +35,11 @@ class RunningServer:
         return "".join(self.log)
 
 
-def start_server_process(root: Path, *args: str) -> RunningServer:
-    """``python -m erofs_nbdd serve`` on a free loopback port; waits until it listens."""
+def start_server_process(root: Path, *args: str, listen: str = "127.0.0.1:0") -> RunningServer:
+    """``python -m erofs_nbdd serve`` (a free loopback port by default); waits until it
+    listens."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", listen, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
