@@ -7,6 +7,7 @@ CONNECT on, any failure disconnects the device, stops the helper and removes the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -38,7 +39,7 @@ PROBE_BYTES = 4096  # enough for the EROFS superblock at byte 1024
 
 @dataclass(frozen=True)
 class AttachOptions:
-    target: Target
+    targets: list[Target]  # tried in order; the supervisor fails over along the same list
     mountpoint: str
     connections: int = 1
     timeout: int = 30  # seconds the kernel waits for one request
@@ -146,13 +147,16 @@ def _classify(exc: NegotiationError, target: Target) -> AttachError:
     return AttachError(ExitStatus.PROTOCOL_ERROR, text)
 
 
-async def check_erofs(conn: Connection) -> None:
+async def check_erofs(conn: Connection) -> str:
+    """Check the superblock over NBD; return the image's identity: a digest of size, flags
+    and the first 4 KiB (the superblock holds a random UUID, build time and checksum)."""
     size = conn.details.size
     length = min(PROBE_BYTES, size // 512 * 512)
     try:
         with trio.fail_after(30):
             head = await conn.session.pread(0, length) if length else b""
         parse_superblock(head, size)
+        return hashlib.sha256(f"{size}:{conn.details.flags}:".encode() + head).hexdigest()
     except NotErofs as exc:
         raise AttachError(
             ExitStatus.NOT_EROFS, f"export {conn.details.name!r} is not an EROFS image: {exc}"
@@ -259,28 +263,20 @@ async def attach(options: AttachOptions) -> devices.Record:
     ):
         raise AttachError(ExitStatus.DEVICE_BUSY, f"/dev/nbd{options.device} is already in use")
     interface = await ensure_kernel_support()
-    target = options.target
     backend = f"erofs-nbd-attach:{uuid.uuid4()}"
-    helper: Helper | None = None
-    if target.tls:
-        from .bridge import start_bridge
-
-        helper = await start_bridge(target, options.connections)
-        conns = helper.connections
-    else:
-        conns = await open_connections(target, options.connections, None)
+    target, conns, helper = await open_first(options.targets, options.connections)
     if interface == "ioctl" and len(conns) > 1:
         log.warning("the ioctl interface takes one connection; using one")
         for extra in conns[1:]:
             await trio.aclose_forcefully(extra.session.stream)
         conns = conns[:1]
-    kernel_socks = [_socket_of(c.session.stream) for c in conns]
+    kernel_socks = [socket_of(c.session.stream) for c in conns]
     pids = [helper.pid] if helper else []
     logs = [helper.log_path] if helper else []
     index: int | None = None
     record: devices.Record | None = None
     try:
-        await check_erofs(conns[0])
+        identity = await check_erofs(conns[0])
         details = conns[0].details
         request = netlink.ConnectRequest(
             size=details.size,
@@ -312,7 +308,8 @@ async def attach(options: AttachOptions) -> devices.Record:
             connections=len(conns), mountpoint=os.path.realpath(options.mountpoint),
             size=details.size, tls=target.tls,
             cert_dir=str(target.cert_dir) if target.cert_dir else None,
-            interface=interface, helper_pids=pids, helper_logs=logs,
+            interface=interface, helper_pids=pids, helper_logs=logs, identity=identity,
+            flags=details.flags, targets=[t.to_json() for t in options.targets],
         )  # fmt: skip
         record.save()
         await _mount(index, options)
@@ -321,6 +318,7 @@ async def attach(options: AttachOptions) -> devices.Record:
             await trio.to_thread.run_sync(
                 lambda: netlink.reconfigure(index, backend, client_flags=flags)
             )
+            start_supervisor(record)
         return record
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -332,7 +330,47 @@ async def attach(options: AttachOptions) -> devices.Record:
         raise
 
 
-def _socket_of(stream: trio.abc.Stream) -> socket.socket:
+async def open_for_kernel(target: Target, count: int) -> tuple[list[Connection], Helper | None]:
+    """Connections whose kernel side is ready to hand over: the TCP sockets themselves, or
+    with TLS the socketpair ends a fresh bridge helper relays."""
+    if target.tls:
+        from .bridge import start_bridge
+
+        helper = await start_bridge(target, count)
+        return helper.connections, helper
+    return await open_connections(target, count, None), None
+
+
+async def open_first(
+    targets: list[Target], count: int
+) -> tuple[Target, list[Connection], Helper | None]:
+    """The first target that can be reached; other errors (export missing, TLS) are final."""
+    for i, target in enumerate(targets):
+        try:
+            conns, helper = await open_for_kernel(target, count)
+        except AttachError as exc:
+            if exc.status is not ExitStatus.UNREACHABLE or i == len(targets) - 1:
+                raise
+            log.warning("%s; trying the next server", exc)
+            continue
+        return target, conns, helper
+    raise AttachError(ExitStatus.USAGE, "no server given")
+
+
+def start_supervisor(record: devices.Record) -> None:
+    """The per-device process that replaces dead connections (netlink devices only)."""
+    from .spawn import spawn
+
+    log_path = devices.RUN_DIR / f"supervisor-nbd{record.index}.log"
+    pid = spawn("erofs_nbd_client.supervisor", [str(record.index)], [], log_path)
+    record.helper_pids.append(pid)
+    for path in (str(log_path), str(devices.state_path(record.index))):
+        if path not in record.helper_logs:
+            record.helper_logs.append(path)
+    record.save()
+
+
+def socket_of(stream: trio.abc.Stream) -> socket.socket:
     assert isinstance(stream, trio.SocketStream)
     return stream.socket  # type: ignore[return-value]
 
@@ -385,6 +423,27 @@ async def stop_process(pid: int | None) -> None:
             await trio.sleep(0.05)
         return
     os.kill(pid, signal.SIGKILL)
+
+
+async def reattach(index: int) -> int:
+    """A new supervisor from the device's record; the mount keeps working meanwhile."""
+    require_root("erofs-nbd-attach --reattach")
+    record = devices.load_record(index)
+    if record is None or not devices.is_connected(index):
+        raise AttachError(ExitStatus.NOT_ATTACHED, f"/dev/nbd{index} is not attached by us")
+    if devices.backend_of(index) != record.backend:
+        raise AttachError(
+            ExitStatus.NOT_ATTACHED,
+            f"/dev/nbd{index} belongs to {devices.backend_of(index)!r}, not to its record",
+        )
+    if record.interface != "netlink":
+        raise AttachError(ExitStatus.NO_KERNEL_SUPPORT, "ioctl devices cannot be supervised")
+    old = devices.read_state(index).get("pid")
+    if isinstance(old, int) and devices.pid_alive(old):
+        await stop_process(old)  # an upgrade: the new one takes over
+    record.helper_pids = [p for p in record.helper_pids if devices.pid_alive(p)]
+    start_supervisor(record)
+    return record.helper_pids[-1]
 
 
 async def detach(what: str) -> str:

@@ -16,7 +16,6 @@ import os
 import socket
 import sys
 import uuid
-from pathlib import Path
 
 import trio
 
@@ -42,8 +41,7 @@ async def start_bridge(target: Target, count: int) -> Helper:
     status_r, status_w = os.pipe()
     child_fds = [b.fileno() for _, b in pairs]
     spec = {
-        "target": {k: (str(v) if isinstance(v, Path) else v)
-                   for k, v in dataclasses.asdict(target).items()},
+        "target": target.to_json(),
         "fds": child_fds,
         "status_fd": status_w,
     }  # fmt: skip
@@ -82,7 +80,7 @@ async def start_bridge(target: Target, count: int) -> Helper:
     return Helper(pid=pid, log_path=str(log_path), connections=conns)
 
 
-async def _relay(index: int, plain: trio.abc.Stream, secure: trio.abc.Stream) -> None:
+async def relay(index: int, plain: trio.abc.Stream, secure: trio.abc.Stream) -> None:
     """Copy both ways until either side closes; then close both."""
     ended = "?"
     async with trio.open_nursery() as nursery:
@@ -107,11 +105,22 @@ async def _relay(index: int, plain: trio.abc.Stream, secure: trio.abc.Stream) ->
     log.info("connection %d ended: %s", index, ended)
 
 
+async def bridge_in_process(nursery: trio.Nursery, target: Target, count: int) -> list[Connection]:
+    """The bridge without a process of its own (the supervisor's reconnects): TLS connections
+    relayed in ``nursery``; returns connections over the kernel's socketpair ends."""
+    conns = await open_connections(target, count, tls_context(target))
+    out = []
+    for i, conn in enumerate(conns):
+        kernel_end, ours = socket.socketpair()
+        plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        nursery.start_soon(relay, i, plain, conn.session.stream)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(kernel_end))
+        out.append(Connection(conn.details, Session(stream, Negotiated(), b"")))
+    return out
+
+
 async def run(spec: dict[str, object]) -> int:
-    raw = dict(spec["target"])  # type: ignore[call-overload]
-    if raw.get("cert_dir"):
-        raw["cert_dir"] = Path(raw["cert_dir"])
-    target = Target(**raw)
+    target = Target.from_json(spec["target"])  # type: ignore[arg-type]
     fds: list[int] = list(spec["fds"])  # type: ignore[call-overload]
     with os.fdopen(int(spec["status_fd"]), "w") as status:  # type: ignore[call-overload]
         try:
@@ -133,7 +142,7 @@ async def run(spec: dict[str, object]) -> int:
     async with trio.open_nursery() as nursery:
         for i, (fd, conn) in enumerate(zip(fds, conns, strict=False)):
             plain = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
-            nursery.start_soon(_relay, i, plain, conn.session.stream)
+            nursery.start_soon(relay, i, plain, conn.session.stream)
     log.info("all connections closed; exiting")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__, devices, netlink
-from .attach import AttachOptions, attach, detach
+from .attach import AttachOptions, attach, detach, reattach
 from .errors import AttachError, ExitStatus
 from .target import parse_target
 
@@ -37,12 +38,16 @@ def _fail(prog: str, exc: AttachError) -> int:
 def attach_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="erofs-nbd-attach",
-        description="Attach an EROFS image served over NBD and mount it read-only.",
+        description="Attach an EROFS image served over NBD and mount it read-only; a "
+        "supervisor keeps it attached across server restarts and fails over along SERVER,...",
         epilog="SERVER: HOST[:PORT], [V6]:PORT, nbd://HOST[:PORT]/EXPORT, nbds://... (TLS), "
-        "nbd+unix:///EXPORT?socket=PATH. " + EXIT_CODES,
+        "nbd+unix:///EXPORT?socket=PATH; several, comma-separated or with --server, form a "
+        "failover list. " + EXIT_CODES,
     )
-    parser.add_argument("server", metavar="SERVER")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+    parser.add_argument("server", metavar="SERVER[,SERVER...]", nargs="?")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    parser.add_argument("--server", dest="more", action="append", default=[], metavar="SERVER",
+                        help="another server for the failover list")  # fmt: skip
     parser.add_argument("--export", help="export name (default: from the URI, else the default)")
     parser.add_argument(
         "--tls-certificates", type=Path, metavar="CERTDIR",
@@ -53,21 +58,40 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
         "--timeout", type=int, default=30, metavar="S", help="kernel per-request timeout"
     )
     parser.add_argument(
-        "--dead-timeout", type=int, default=60, metavar="S",
-        help="how long I/O waits on a dead connection before failing",
+        "--dead-timeout", type=int, default=300, metavar="S",
+        help="how long I/O waits for the supervisor to replace a dead connection",
     )  # fmt: skip
     parser.add_argument("-o", dest="options", default="", metavar="MOUNTOPTS")
     parser.add_argument("--device", metavar="/dev/nbdN", help="use this device")
+    parser.add_argument(
+        "--reattach", metavar="/dev/nbdN",
+        help="start a new supervisor for an attached device (its old one died or is upgraded)",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.reattach is not None:
+        index = devices.parse_device(args.reattach)
+        if index is None:
+            return _fail(parser.prog, AttachError(ExitStatus.USAGE, "--reattach takes /dev/nbdN"))
+        try:
+            pid = trio.run(reattach, index)
+        except AttachError as exc:
+            return _fail(parser.prog, exc)
+        print(f"/dev/nbd{index}: new supervisor (pid {pid})")
+        return ExitStatus.OK
+    if not args.server or not args.mountpoint:
+        parser.error("SERVER and MOUNTPOINT are required (or --reattach /dev/nbdN)")
     try:
-        target = parse_target(args.server, export=args.export)
+        targets = []
+        for text in [*args.server.split(","), *args.more]:
+            target = parse_target(text.strip(), export=args.export)
+            if args.tls_certificates is not None:
+                target = dataclasses.replace(target, tls=True, cert_dir=args.tls_certificates)
+            targets.append(target)
     except ValueError as exc:
         return _fail(parser.prog, AttachError(ExitStatus.USAGE, str(exc)))
-    if args.tls_certificates is not None:
-        target = type(target)(**{**target.__dict__, "tls": True, "cert_dir": args.tls_certificates})
     device = None
     if args.device is not None:
         device = devices.parse_device(args.device)
@@ -76,7 +100,7 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.connections <= 16:
         return _fail(parser.prog, AttachError(ExitStatus.USAGE, "--connections must be 1..16"))
     options = AttachOptions(
-        target=target, mountpoint=args.mountpoint, connections=args.connections,
+        targets=targets, mountpoint=args.mountpoint, connections=args.connections,
         timeout=args.timeout, dead_timeout=args.dead_timeout, mount_options=args.options,
         device=device,
     )  # fmt: skip
@@ -85,7 +109,7 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
     except AttachError as exc:
         return _fail(parser.prog, exc)
     print(
-        f"{target.describe()} attached as /dev/nbd{record.index} ({record.connections} "
+        f"{record.server} attached as /dev/nbd{record.index} ({record.connections} "
         f"connection(s)), mounted on {record.mountpoint}"
     )
     return ExitStatus.OK
@@ -125,14 +149,20 @@ def list_main(argv: Sequence[str] | None = None) -> int:
         r = records.get(index)
         connected = status.get(index, False)
         helper_ok = r is None or all(devices.pid_alive(pid) for pid in r.helper_pids)
+        supervisor = devices.read_state(index)
+        if supervisor and not devices.pid_alive(int(str(supervisor.get("pid", 0)))):
+            supervisor = {**supervisor, "state": "supervisor gone"}
         state = "connected" if connected else "disconnected"
         if connected and not helper_ok:
             state = "connected, helper gone"
+
         rows.append({
             "device": devices.device_path(index),
             "index": index,
             "state": state,
             "server": r.server if r else None,
+            "supervisor": supervisor.get("state") if supervisor else None,
+            "reconnects": supervisor.get("reconnects", 0) if supervisor else 0,
             "export": r.export if r else None,
             "connections": r.connections if r else None,
             "mountpoint": devices.mountpoint_of(index),
@@ -147,10 +177,12 @@ def list_main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         print("no NBD devices attached")
         return ExitStatus.OK
-    print(f"{'DEVICE':<11} {'STATE':<22} {'CONN':>4}  {'SERVER':<40} MOUNTPOINT")
+    print(f"{'DEVICE':<11} {'STATE':<36} {'CONN':>4} {'RECONN':>6}  {'SERVER':<36} MOUNTPOINT")
     for row in rows:
+        state = str(row["state"]) + (f", {row['supervisor']}" if row["supervisor"] else "")
         print(
-            f"{row['device']:<11} {row['state']:<22} {row['connections'] or '-':>4}  "
-            f"{row['server'] or '(not ours)':<40} {row['mountpoint'] or '-'}"
+            f"{row['device']:<11} {state:<36} {row['connections'] or '-':>4} "
+            f"{row['reconnects']:>6}  {row['server'] or '(not ours)':<36} "
+            f"{row['mountpoint'] or '-'}"
         )
     return ExitStatus.OK

@@ -29,8 +29,11 @@ class Record:
     tls: bool = False
     cert_dir: str | None = None
     interface: str = "netlink"  # or "ioctl" (no failover possible)
-    helper_pids: list[int] = field(default_factory=list)  # TLS bridge, ioctl holder
-    helper_logs: list[str] = field(default_factory=list)
+    helper_pids: list[int] = field(default_factory=list)  # TLS bridge, ioctl holder, supervisor
+    helper_logs: list[str] = field(default_factory=list)  # their files, removed on detach
+    identity: str = ""  # what a reconnect must find again (attach.check_erofs)
+    flags: int = 0
+    targets: list[dict[str, object]] = field(default_factory=list)  # the failover list
     attached_at: float = field(default_factory=time.time)
 
     @property
@@ -47,6 +50,26 @@ class Record:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def state_path(index: int) -> Path:
+    """Where a device's supervisor publishes its state for erofs-nbd-list."""
+    return RUN_DIR / f"nbd{index}.state.json"
+
+
+def read_state(index: int) -> dict[str, object]:
+    try:
+        data = json.loads(state_path(index).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_state(index: int, **state: object) -> None:
+    RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = state_path(index).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_path(index))
 
 
 def load_record(index: int) -> Record | None:

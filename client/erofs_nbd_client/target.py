@@ -21,6 +21,16 @@ class Target:
     tls: bool = False
     cert_dir: Path | None = None
 
+    def to_json(self) -> dict[str, object]:
+        return {**self.__dict__, "cert_dir": str(self.cert_dir) if self.cert_dir else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Target:
+        raw = dict(data)
+        if raw.get("cert_dir"):
+            raw["cert_dir"] = Path(str(raw["cert_dir"]))
+        return cls(**raw)  # type: ignore[arg-type]
+
     def describe(self) -> str:
         scheme = "nbds" if self.tls else "nbd"
         if self.unix_path is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_nbd_client import netlink
+from erofs_nbd_client import devices, netlink
 from erofs_nbd_client.devices import RUN_DIR
 
 from ..conftest import require_tool
@@ -92,6 +92,31 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int, str]]:
     return out
 
 
+def wait_state(
+    index: int,
+    timeout: float = 120,
+    min_reconnects: int = 0,
+    not_pid: int | None = None,
+    **want: object,
+) -> dict[str, object]:
+    """The supervisor's published state once it matches (rounds may coalesce deaths, so
+    reconnects are counted as a minimum; ``not_pid`` waits out a replaced supervisor)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = devices.read_state(index)
+        reconnects = state.get("reconnects", 0)
+        assert isinstance(reconnects, int)
+        fresh = not_pid is None or state.get("pid") not in (None, not_pid)
+        if (
+            fresh
+            and reconnects >= min_reconnects
+            and all(state.get(k) == v for k, v in want.items())
+        ):
+            return state
+        assert time.monotonic() < deadline, f"supervisor state {state}, wanted {want}"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def certs(made_certs: Path) -> Path:
     return made_certs
@@ -140,4 +165,7 @@ def start_peer(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.1)
 
 
-__all__ = ["Result", "assert_nothing_left", "cli", "require_tool", "start_peer", "tree_digest"]
+__all__ = [
+    "Result", "assert_nothing_left", "cli", "require_tool", "start_peer", "tree_digest",
+    "wait_state",
+]  # fmt: skip

@@ -11,13 +11,17 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
 from erofs_nbd_client import devices, netlink
 from erofs_nbd_client.negotiate import negotiate
 
 from ..interop.conftest import start_server_process, stop_server_process
-from .conftest import assert_nothing_left, cli
+from .conftest import assert_nothing_left, cli, wait_state
+
+# Server kills, restarts and TLS reconnects under an emulated CPU (TCG) take minutes.
+pytestmark = pytest.mark.timeout(600)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -45,6 +49,9 @@ def test_link_dead_then_reconfigure(images: Path, source_tree: Path, mountpoint:
     assert attached.returncode == 0, attached.stderr
     index = devices.device_at(str(mountpoint))
     assert index is not None
+    supervisor = wait_state(index, state="watching")["pid"]
+    assert isinstance(supervisor, int)
+    os.kill(supervisor, signal.SIGKILL)  # this test does the supervisor's job by hand
     backend = devices.backend_of(index)
     assert backend is not None
     assert backend.startswith("erofs-nbd-attach:")

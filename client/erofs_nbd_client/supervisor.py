@@ -1,0 +1,178 @@
+"""The per-device supervisor: keeps an attached device alive across server restarts, lost
+links and failover, so the mounted filesystem never sees an error it need not see.
+
+``python -m erofs_nbd_client.supervisor INDEX`` reads the device's record. On LINK_DEAD for
+the device (multicast on ``nbd_mc_group``) it reconnects with backoff along the record's
+server list, checks it finds the same image (size, flags, first 4 KiB), and hands the new
+sockets over with RECONFIGURE and the same BACKEND_IDENTIFIER. The kernel keeps I/O waiting
+for DEAD_CONN_TIMEOUT meanwhile. A different image is refused and the reason logged: reads
+then fail once the dead timeout passes, which is the safe outcome. It exits when the device
+is disconnected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import trio
+
+from . import devices, netlink
+from .attach import check_erofs, open_connections, socket_of
+from .bridge import bridge_in_process
+from .errors import AttachError
+from .target import Target
+
+log = logging.getLogger("erofs_nbd_client.supervisor")
+MAX_BACKOFF = 5.0
+
+
+class Supervisor:
+    def __init__(self, record: devices.Record) -> None:
+        self.record = record
+        self.index = record.index
+        self.targets = [Target.from_json(t) for t in record.targets]
+        self.reconnects = 0
+        self.state = "watching"
+
+    def publish(self, **extra: object) -> None:
+        devices.write_state(
+            self.index, pid=os.getpid(), state=self.state, server=self.record.server,
+            reconnects=self.reconnects, updated=time.time(), **extra,
+        )  # fmt: skip
+
+    async def run(self) -> None:
+        group = await trio.to_thread.run_sync(netlink.multicast_group)
+        raw = netlink.link_dead_socket(group)
+        listener = trio.socket.from_stdlib_socket(raw)
+        log.info("watching /dev/nbd%d (%s)", self.index, self.record.server)
+        async with trio.open_nursery() as nursery:
+            self.relays = nursery  # TLS relays of reconnected links live as long as we do
+            nursery.start_soon(self._exit_when_disconnected, nursery.cancel_scope)
+            # A link that died while no supervisor listened sent its LINK_DEAD to nobody:
+            # one round now replaces it (RECONFIGURE drops our sockets if nothing is dead).
+            await self._startup_round()
+            self.publish()
+            while True:
+                data = await listener.recv(65536)
+                if self.index not in netlink.parse_link_dead(data):
+                    continue
+                cause = "the kernel reported a dead connection (LINK_DEAD)"
+                while True:
+                    await self._reconnect(cause)
+                    # One LINK_DEAD comes per dead socket. Those queued during the round may be
+                    # for sockets it already replaced, or for later deaths: one more round,
+                    # whose RECONFIGURE comes after this drain, covers them all.
+                    if self.index not in _drain(raw):
+                        break
+                    cause = "more connections died meanwhile (LINK_DEAD)"
+
+    async def _startup_round(self) -> None:
+        for target in self.targets:
+            if await self._try(target):
+                return
+        log.info("/dev/nbd%d: startup check found no server; relying on LINK_DEAD", self.index)
+
+    async def _exit_when_disconnected(self, scope: trio.CancelScope) -> None:
+        while devices.is_connected(self.index):
+            await trio.sleep(1)
+        log.info("/dev/nbd%d was disconnected; exiting", self.index)
+        scope.cancel()
+
+    async def _reconnect(self, cause: str) -> None:
+        started = time.monotonic()
+        self.state = "reconnecting"
+        self.publish(cause=cause)
+        log.warning("/dev/nbd%d: %s; reconnecting", self.index, cause)
+        delay = 0.2
+        while devices.is_connected(self.index):
+            for target in self.targets:
+                if await self._try(target):
+                    waited = time.monotonic() - started
+                    self.reconnects += 1
+                    self.state = "watching"
+                    self.publish(last_wait=round(waited, 3), cause=cause)
+                    log.warning(
+                        "/dev/nbd%d: reconnected to %s after %.1f s (reconnect %d; cause: %s)",
+                        self.index, target.describe(), waited, self.reconnects, cause,
+                    )  # fmt: skip
+                    return
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _try(self, target: Target) -> bool:
+        """One attempt: connect, check the image, hand the sockets over."""
+        record = self.record
+        try:
+            if target.tls:  # relayed here, not by a new bridge process
+                conns = await bridge_in_process(self.relays, target, record.connections)
+            else:
+                conns = await open_connections(target, record.connections, None)
+        except AttachError as exc:
+            log.info("%s: %s", target.describe(), exc)
+            return False
+        try:
+            try:
+                identity = await check_erofs(conns[0])
+            except AttachError as exc:
+                identity = f"unreadable ({exc})"
+            if identity != record.identity:
+                self.state = "refusing"
+                self.publish(refused=target.describe())
+                log.error(
+                    "/dev/nbd%d: %s serves a different image under %r (size, flags or "
+                    "superblock changed); not reconnecting to it",
+                    self.index, target.describe(), target.export,
+                )  # fmt: skip
+                return False
+            fds = tuple(socket_of(c.session.stream).fileno() for c in conns)
+            await trio.to_thread.run_sync(
+                lambda: netlink.reconfigure(self.index, record.backend, sockets=fds)
+            )
+        finally:
+            for conn in conns:  # the kernel holds its own references
+                await trio.aclose_forcefully(conn.session.stream)
+        record.helper_pids = [p for p in record.helper_pids if devices.pid_alive(p)]
+        record.server = target.describe()
+        record.save()
+        return True
+
+
+def _drain(raw: socket.socket) -> list[int]:
+    """Every LINK_DEAD already queued, without waiting."""
+    out: list[int] = []
+    while True:
+        try:
+            out += netlink.parse_link_dead(raw.recv(65536, socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return out
+
+
+async def main_async(index: int) -> int:
+    record = devices.load_record(index)
+    if record is None:
+        log.error("no record for /dev/nbd%d in %s", index, devices.RUN_DIR)
+        return 1
+    if devices.backend_of(index) != record.backend:
+        log.error("/dev/nbd%d is not the device the record describes", index)
+        return 1
+    await Supervisor(record).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s supervisor[%(process)d] %(levelname)s: %(message)s",
+    )
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # bridges it starts are reaped by the kernel
+    return trio.run(main_async, int(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
