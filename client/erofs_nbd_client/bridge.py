@@ -22,7 +22,7 @@ import trio
 from erofs_nbdd.protocol import Negotiated
 
 from . import devices
-from .attach import Connection, Helper, open_connections, tls_context
+from .connect import Connection, Helper, open_connections, tls_context
 from .errors import AttachError, ExitStatus
 from .negotiate import ExportDetails, Session
 from .spawn import read_line, reap, spawn

@@ -22,8 +22,8 @@ import time
 import trio
 
 from . import devices, netlink
-from .attach import check_erofs, open_connections, socket_of
 from .bridge import bridge_in_process
+from .connect import check_erofs, open_connections, socket_of
 from .errors import AttachError
 from .target import Target
 

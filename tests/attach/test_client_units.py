@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from erofs_nbd_client import devices, netlink
-from erofs_nbd_client.attach import kernel_block_size
+from erofs_nbd_client.connect import kernel_block_size
 from erofs_nbd_client.errors import ExitStatus
 from erofs_nbd_client.negotiate import ExportDetails
 from erofs_nbd_client.target import Target, parse_target
