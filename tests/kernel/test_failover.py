@@ -24,7 +24,7 @@ from .conftest import assert_nothing_left, cli, wait_state
 pytestmark = pytest.mark.timeout(600)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 PORT_A, PORT_B = 10930, 10931
@@ -130,6 +130,22 @@ def _server_arg(tls: bool, certs: Path, port: int) -> list[str]:
     return [f"127.0.0.1:{port}"]
 
 
+def restart_while_reading(
+    reader: Reader, servers: list[RunningServer], index: int, restart: Callable[[], RunningServer]
+) -> dict[str, object]:
+    """Kill the newest server, start it again 2 s later, and check the reader saw every byte
+    right throughout; returns the supervisor's state after the reconnect."""
+    reader.wait_passes(1)
+    kill(servers[-1])
+    time.sleep(2)
+    servers.append(restart())
+    state = wait_state(index, state="watching", min_reconnects=1)
+    reader.wait_passes(2)
+    reader.finish()
+    assert reader.errors == []
+    return state
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_server_restart(
     images: Path, source_tree: Path, certs: Path, mountpoint: Path,
@@ -139,14 +155,9 @@ def test_server_restart(
     servers.append(_serve(images, certs, tls, PORT_A))
     index = attach(mountpoint, *_server_arg(tls, certs, PORT_A), *MODES[mode])
     reader = Reader(mountpoint, file_digests(source_tree)).start()
-    reader.wait_passes(1)
-    kill(servers[-1])
-    time.sleep(2)
-    servers.append(_serve(images, certs, tls, PORT_A))
-    state = wait_state(index, state="watching", min_reconnects=1)
-    reader.wait_passes(2)
-    reader.finish()
-    assert reader.errors == []
+    state = restart_while_reading(
+        reader, servers, index, lambda: _serve(images, certs, tls, PORT_A)
+    )
     assert state["server"] == ("nbds" if tls else "nbd") + f"://127.0.0.1:{PORT_A}/demo"
     log = (devices.RUN_DIR / f"supervisor-nbd{index}.log").read_text()
     assert "reconnected to" in log
@@ -190,14 +201,7 @@ def test_reattach_then_restart(
     assert result.returncode == 0, result.stderr
     new = wait_state(index, state="watching", not_pid=old)["pid"]
     assert new != old
-    reader.wait_passes(1)
-    kill(servers[-1])
-    time.sleep(2)
-    servers.append(_serve(images, certs, tls, PORT_A))
-    wait_state(index, state="watching", min_reconnects=1)
-    reader.wait_passes(2)
-    reader.finish()
-    assert reader.errors == []
+    restart_while_reading(reader, servers, index, lambda: _serve(images, certs, tls, PORT_A))
     detach_clean(mountpoint)
 
 
