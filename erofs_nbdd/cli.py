@@ -22,10 +22,36 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
+class UsageError(ValueError):
+    """A command-line value that cannot work; the message says which and why."""
+
+
 class ExitStatus(enum.IntEnum):
     OK = 0
     ERROR = 1
     USAGE = 2
+
+
+#: --flag, Limits field, help. Counts and byte sizes are ints; times are float seconds.
+LIMIT_FLAGS = (
+    ("--max-connections", "max_connections", "connections served at once"),
+    ("--max-connections-per-client", "max_connections_per_client",
+     "connections from one IP address at once; 0: no limit"),
+    ("--handshake-timeout", "handshake_timeout", "seconds from connect to transmission"),
+    ("--idle-timeout", "idle_timeout",
+     "close a connection after this many seconds without a request; 0: never"),
+    ("--reply-timeout", "reply_timeout",
+     "close a connection whose client reads no reply for this long; 0: never"),
+    ("--max-in-flight", "max_in_flight", "storage reads in flight per connection"),
+    ("--max-connection-buffer", "max_connection_buffer",
+     "bytes of replies one connection may hold in memory"),
+    ("--max-server-buffer", "max_server_buffer", "bytes of replies all connections may hold"),
+    ("--shutdown-grace", "shutdown_grace",
+     "seconds in-flight requests get to finish after SIGINT/SIGTERM"),
+)  # fmt: skip
+#: Limits that must be at least 1 (the others accept 0 where their help says so).
+POSITIVE_LIMITS = ("max_connections", "max_in_flight", "max_connection_buffer",
+                   "max_server_buffer", "handshake_timeout")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,15 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         "all addresses)",
     )
     s.add_argument("--default-export", metavar="NAME", help="export served for the empty name")
-    s.add_argument("--max-connections", type=int, default=Limits.max_connections, metavar="N")
-    s.add_argument(
-        "--handshake-timeout", type=float, default=Limits.handshake_timeout, metavar="SECONDS"
-    )
-    s.add_argument(
-        "--shutdown-grace", type=float, default=Limits.shutdown_grace, metavar="SECONDS",
-        help="how long in-flight requests may take to finish after SIGINT/SIGTERM",
-    )  # fmt: skip
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    lim = s.add_argument_group("limits", "what one client may cost the server (README: Limits)")
+    for flag, field, help_text in LIMIT_FLAGS:
+        default = getattr(Limits, field)
+        kind = type(default)
+        lim.add_argument(
+            flag, dest=field, type=kind, default=default,
+            metavar="SECONDS" if kind is float else "N",
+            help=f"{help_text} (default {default:g})",
+        )  # fmt: skip
     t = s.add_argument_group("TLS")
     t.add_argument(
         "--tls", choices=[m.value for m in TLSMode], default="off",
@@ -100,13 +127,12 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     listen = tuple(args.listen or [f":{DEFAULT_PORT}"])
     for text in listen:
         parse_listen(text)  # fail before anything is opened
-    if args.max_connections < 1:
-        raise ListenError("--max-connections must be at least 1")
-    limits = Limits(
-        max_connections=args.max_connections,
-        handshake_timeout=args.handshake_timeout,
-        shutdown_grace=args.shutdown_grace,
-    )
+    for flag, field, _ in LIMIT_FLAGS:
+        value = getattr(args, field)
+        if value < 0 or (value == 0 and field in POSITIVE_LIMITS):
+            least = "above 0" if field in POSITIVE_LIMITS else "0 or more"
+            raise UsageError(f"{flag} must be {least}, not {value:g}")
+    limits = Limits(**{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS})
     tls = TLSConfig(
         mode=TLSMode(args.tls),
         cert_dir=args.tls_certificates,
@@ -188,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_serve_until_signalled, config)
         except BaseExceptionGroup as group:
             raise _sole(group) from None
-    except (ListenError, TLSSetupError) as exc:
+    except (ListenError, TLSSetupError, UsageError) as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except OSError as exc:

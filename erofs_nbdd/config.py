@@ -24,9 +24,21 @@ class Limits:
     #: Longest option payload accepted.
     max_option_length: int = 16 * 1024
     #: Connections served at once; more are accepted and closed at once, with a log line.
-    max_connections: int = 512
+    max_connections: int = 1024
+    #: Connections from one IP address at once (0: no limit). Unix-socket clients share one.
+    max_connections_per_client: int = 256
+    #: Seconds a connection in transmission may stay without a request or a reply in flight
+    #: (0: forever). Off by default: a mounted image can rightly sit idle for days.
+    idle_timeout: float = 0.0
+    #: Seconds a reply may wait for the client to read it before the connection is dropped:
+    #: a client that stops reading must not pin server memory.
+    reply_timeout: float = 60.0
     #: Requests being read from storage at once per connection (the kernel pipelines 128).
     max_in_flight: int = 64
+    #: Bytes of read replies one connection may hold in memory at once.
+    max_connection_buffer: int = 64 * 1024 * 1024
+    #: Bytes of read replies all connections together may hold in memory at once.
+    max_server_buffer: int = 512 * 1024 * 1024
     #: Largest READ; also advertised as the maximum block size.
     max_payload: int = DEFAULT_MAX_PAYLOAD
     #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.

@@ -7,6 +7,7 @@ worker threads, bounded per connection so a client cannot queue unbounded work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .backends import Backend, FileBackend
+from .budget import ByteBudget
 from .protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
@@ -49,7 +51,7 @@ from .tls import TLSMode, peer_common_name, peer_subject
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from .config import ServerConfig
     from .exports import Export, ExportDirectory
@@ -59,6 +61,9 @@ log = logging.getLogger("erofs_nbdd.connection")
 RECEIVE_SIZE = 256 * 1024
 #: Replies are gathered up to this many bytes before one write.
 BATCH_BYTES = 1024 * 1024
+#: Reads up to this size may be answered inline from the page cache; bigger ones take the
+#: budgeted path, so the unbudgeted memory of a connection stays about 2 * BATCH_BYTES.
+INLINE_MAX = BATCH_BYTES
 BASE_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
@@ -100,6 +105,7 @@ class Connection:
         config: ServerConfig,
         exports: ExportDirectory,
         ssl_context: ssl.SSLContext | None = None,
+        server_budget: ByteBudget | None = None,
     ) -> None:
         self.stream = stream
         self.ssl_context = ssl_context
@@ -119,15 +125,22 @@ class Connection:
         self._export: Export | None = None
         self._options = 0
         self._option_budget = config.limits.max_options
+        self._server_budget = server_budget or ByteBudget(config.limits.max_server_buffer)
+        self._budget = ByteBudget(config.limits.max_connection_buffer)
+        self._in_flight = 0
 
     # -- I/O helpers ---------------------------------------------------------------------
 
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
+            timeout = self.limits.reply_timeout
             try:
-                await self.stream.send_all(data)
+                with trio.move_on_after(timeout if timeout > 0 else float("inf")) as scope:
+                    await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ClientGone("connection lost while sending") from exc
+            if scope.cancelled_caught:
+                raise LimitExceeded(f"client read no reply for {timeout:g} s (reply timeout)")
 
     async def _receive(self) -> bytes:
         try:
@@ -141,9 +154,14 @@ class Connection:
         ever cancelled by a shutdown, never a reply being written."""
         if self._stopping:
             return None
+        idle = self.limits.idle_timeout
+        if idle <= 0 or self._in_flight:
+            idle = float("inf")
         with trio.CancelScope() as scope:
             self._receive_scope = scope
-            return await self._receive()
+            with trio.move_on_after(idle):
+                return await self._receive()
+            raise LimitExceeded(f"no request for {idle:g} s (idle timeout)")
         return None
 
     # -- whole life ----------------------------------------------------------------------
@@ -366,7 +384,7 @@ class Connection:
         batch = _Batch(self._send)
         slots = trio.Semaphore(self.limits.max_in_flight)
         try:
-            async with trio.open_nursery() as nursery:
+            async with _one_error(), trio.open_nursery() as nursery:
                 while (req := await self._next_request(tx, batch)) is not None:
                     self.stats.requests += 1
                     if self.config.verbose:
@@ -377,16 +395,13 @@ class Connection:
                         batch.add(tx.error_reply(req.cookie, error, message))
                     elif (
                         req.cmd == Cmd.READ
+                        and req.length <= INLINE_MAX
                         and (cached := backend.pread_nowait(req.offset, req.length)) is not None
                     ):
                         self.stats.bytes_read += len(cached)
                         batch.add(tx.read_reply_header(req.cookie, req.offset, len(cached)), cached)
                     elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
-                        try:
-                            slots.acquire_nowait()
-                        except trio.WouldBlock:
-                            await batch.flush()  # let the client have what is ready meanwhile
-                            await slots.acquire()
+                        await self._reserve(req, slots, batch)
                         nursery.start_soon(self._slow_request, tx, req, slots)
                     else:  # CACHE and FLUSH: nothing to wait for
                         if req.cmd == Cmd.CACHE:
@@ -415,9 +430,25 @@ class Connection:
             return None
         return event
 
+    async def _reserve(self, req: Request, slots: trio.Semaphore, batch: _Batch) -> None:
+        """A request slot and the reply's bytes in both budgets. While any is short, flush
+        what is ready and stop reading requests: that is the backpressure."""
+        size = req.length if req.cmd == Cmd.READ else 0
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            await batch.flush()
+            await slots.acquire()
+        for budget in (self._budget, self._server_budget):
+            if not budget.try_acquire(size):
+                await batch.flush()
+                await budget.acquire(size)
+        self._in_flight += 1
+
     async def _slow_request(
         self, tx: ServerTransmission, req: Request, slots: trio.Semaphore
     ) -> None:
+        size = req.length if req.cmd == Cmd.READ else 0
         try:
             assert self._backend is not None
             try:
@@ -436,7 +467,28 @@ class Connection:
                 reply = tx.error_reply(req.cookie, Errno.EIO, f"read failed: {exc.strerror}")
             await self._send(reply)
         finally:
+            self._in_flight -= 1
+            self._budget.release(size)
+            self._server_budget.release(size)
             slots.release()
+
+
+@contextlib.asynccontextmanager
+async def _one_error() -> AsyncIterator[None]:
+    """A nursery reports a failure as a group; the server's handler wants the failure itself
+    (a client gone mid-reply is routine, not an internal error)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+        raise first from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 class _Batch:

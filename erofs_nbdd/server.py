@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 import stat
 import time
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .address import parse_port, split_host_port
+from .budget import ByteBudget
 from .connection import ClientGone, Connection, LimitExceeded, Refused
 from .exports import ExportDirectory
 from .protocol import ProtocolError
@@ -93,14 +95,27 @@ def describe_listener(listener: trio.SocketListener) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, str]:
+    """(host, host:port) of the client; unix-socket clients are all "unix"."""
     try:
         name = stream.socket.getpeername()
     except OSError:
-        return "?"
+        return "?", "?"
     if isinstance(name, str) or not name:
-        return "unix"
-    return f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}"
+        return "unix", "unix"
+    host, port = name[0], name[1]
+    return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def raise_file_limit(wanted: int) -> int:
+    """Lift the soft RLIMIT_NOFILE towards the hard one: each connection is a descriptor,
+    and the usual soft limit of 1024 is below the default connection limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
 
 
 class Server:
@@ -110,6 +125,8 @@ class Server:
         self.config = config
         self.exports = ExportDirectory(config.root, default_export=config.default_export)
         self.connections: set[Connection] = set()
+        self._per_client: dict[str, int] = {}
+        self.budget = ByteBudget(config.limits.max_server_buffer)
         config.tls.check()
         self.ssl_context = None
         if config.tls.mode is not TLSMode.OFF:
@@ -143,6 +160,12 @@ class Server:
             raise
         addresses = [describe_listener(lst) for lst in listeners]
         log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
+        files = raise_file_limit(config.limits.max_connections + 64)
+        if files < config.limits.max_connections + 64:
+            log.warning(
+                "only %d file descriptors (ulimit -n); --max-connections %d may not be reached",
+                files, config.limits.max_connections,
+            )  # fmt: skip
         with self._grace:
             async with trio.open_nursery() as connections:
                 with self._accepting:
@@ -167,12 +190,22 @@ class Server:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self._next_id += 1
-        peer = f"#{self._next_id} {_peer_name(stream)}"
-        if len(self.connections) >= self.config.limits.max_connections:
+        host, name = _peer(stream)
+        peer = f"#{self._next_id} {name}"
+        limits = self.config.limits
+        if len(self.connections) >= limits.max_connections:
             log.warning("%s: refused: %d connections already (limit)", peer, len(self.connections))
             await trio.aclose_forcefully(stream)
             return
-        conn = Connection(stream, peer, self.config, self.exports, self.ssl_context)
+        mine = self._per_client.get(host, 0)
+        if limits.max_connections_per_client and mine >= limits.max_connections_per_client:
+            log.warning("%s: refused: %d connections from %s already (limit)", peer, mine, host)
+            await trio.aclose_forcefully(stream)
+            return
+        self._per_client[host] = mine + 1
+        conn = Connection(
+            stream, peer, self.config, self.exports, self.ssl_context, server_budget=self.budget
+        )
         self.connections.add(conn)
         start = time.monotonic()
         level = logging.WARNING  # a connection that ended badly is worth a warning
@@ -199,6 +232,11 @@ class Server:
             conn.stats.ended = f"internal error: {exc!r}"
         finally:
             self.connections.discard(conn)
+            left = self._per_client[host] - 1
+            if left:
+                self._per_client[host] = left
+            else:
+                del self._per_client[host]
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1):
                     await conn.stream.aclose()  # over TLS this sends close_notify

@@ -82,6 +82,9 @@ def check_request(req: Request, limits: ExportLimits, negotiated: Negotiated) ->
         if req.offset or req.length:
             return Errno.EINVAL, "FLUSH must have offset and length 0"
         return Errno.OK, ""
+    if not req.length:
+        # Unspecified by the spec, and a structured read reply cannot carry 0 bytes.
+        return Errno.EINVAL, f"{cmd.name} of 0 bytes"
     if req.offset > limits.size or req.length > limits.size - req.offset:
         return Errno.EINVAL, f"{req.length} bytes at {req.offset} run past the end ({limits.size})"
     if req.offset % limits.min_block or req.length % limits.min_block:

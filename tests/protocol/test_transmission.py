@@ -46,8 +46,10 @@ RULES = [
     # (cmd, flags, offset, length, negotiated, expected errno)
     (Cmd.READ, 0, 0, 512, SIMPLE, Errno.OK),
     (Cmd.READ, 0, SIZE - 512, 512, SIMPLE, Errno.OK),
-    (Cmd.READ, 0, 0, 0, SIMPLE, Errno.OK),
-    (Cmd.READ, 0, SIZE, 0, SIMPLE, Errno.OK),
+    (Cmd.READ, 0, 0, 0, SIMPLE, Errno.EINVAL),
+    (Cmd.READ, 0, SIZE, 0, STRUCTURED, Errno.EINVAL),
+    (Cmd.CACHE, 0, 0, 0, SIMPLE, Errno.EINVAL),
+    (Cmd.BLOCK_STATUS, 0, 0, 0, STRUCTURED, Errno.EINVAL),
     (Cmd.READ, 0, SIZE - 512, 1024, SIMPLE, Errno.EINVAL),
     (Cmd.READ, 0, SIZE + 512, 512, SIMPLE, Errno.EINVAL),
     (Cmd.READ, 0, (1 << 64) - 512, 512, SIMPLE, Errno.EINVAL),

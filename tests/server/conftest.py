@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -37,3 +38,15 @@ def handshake(connect: Connect) -> Shake:
         return hs
 
     return start
+
+
+@pytest.fixture(autouse=True)
+def no_server_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Whatever a test's client does, the server logs no ERROR (an internal error is logged
+    with its traceback at that level)."""
+    yield
+    errors = [
+        r for r in caplog.get_records("call")
+        if r.name.startswith("erofs_nbdd") and r.levelno >= logging.ERROR
+    ]  # fmt: skip
+    assert not errors, "\n".join(caplog.text.splitlines()[-40:])
