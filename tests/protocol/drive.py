@@ -1,0 +1,229 @@
+"""Drive the protocol machines with arbitrary bytes, the way the server and client do.
+
+Shared by the property tests (hypothesis) and the coverage-guided fuzz target (atheris): each
+``drive_*`` feeds a byte stream in the given chunks, answers every event as our server (or
+client) would, checks each reply it produced is well framed, and lets only the protocol's own
+``ProtocolError`` escape.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+
+from erofs_nbdd.protocol import (
+    NEED_DATA,
+    ClientHandshake,
+    ClientTransmission,
+    Cmd,
+    Errno,
+    ExportLimits,
+    Info,
+    Negotiated,
+    Opt,
+    Rep,
+    ServerHandshake,
+    ServerTransmission,
+    State,
+    TransmissionFlag,
+    check_request,
+)
+from erofs_nbdd.protocol.events import (
+    AbortOption,
+    ClientFlags,
+    Disconnect,
+    ExportNameOption,
+    InfoOption,
+    InvalidOption,
+    ListOption,
+    MetaContextOption,
+    Request,
+    StartTLSOption,
+    StructuredReplyOption,
+    UnsupportedOption,
+)
+
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+EXPORTS = {"demo": 1 << 20, "": 1 << 20, "team/app-v2": 8192}
+FLAGS = int(TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY)
+MAX_PAYLOAD = 1 << 20
+
+
+class Closed(Exception):
+    """The server ends the session by policy (EXPORT_NAME of an unknown export)."""
+
+
+class BadReply(AssertionError):
+    """A reply our machines produced that a peer could not parse: a bug of ours."""
+
+
+def chunked(data: bytes, sizes: Iterable[int]) -> Iterator[bytes]:
+    """``data`` cut at the given sizes (cycled), the last piece whatever remains."""
+    pos = 0
+    for size in sizes:
+        if pos >= len(data):
+            return
+        yield data[pos : pos + max(1, size)]
+        pos += max(1, size)
+    if pos < len(data):
+        yield data[pos:]
+
+
+def check_option_replies(data: bytes, opt: int) -> None:
+    """Every option reply in ``data`` is framed right and answers ``opt``."""
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 20:
+            raise BadReply(f"truncated option reply header: {data[pos:]!r}")
+        magic, got, rep, length = struct.unpack_from(">QIII", data, pos)
+        if magic != OPTION_REPLY_MAGIC or got != opt:
+            raise BadReply(f"reply magic {magic:#x} for option {got}, expected {opt}")
+        if pos + 20 + length > len(data):
+            raise BadReply("option reply runs past its data")
+        if rep == Rep.ACK and length:
+            raise BadReply("ACK with data")
+        pos += 20 + length
+
+
+def answer_option(hs: ServerHandshake, event: object) -> bytes:
+    """The replies our server gives, with EXPORTS standing for the image directory."""
+    if isinstance(event, AbortOption | StructuredReplyOption):
+        return hs.send_ack()
+    if isinstance(event, ListOption):
+        return b"".join([*(hs.send_server(n, "d") for n in EXPORTS if n), hs.send_ack()])
+    if isinstance(event, StartTLSOption):
+        return hs.send_error(Rep.ERR_POLICY, "no TLS here")
+    if isinstance(event, UnsupportedOption):
+        return hs.send_error(Rep.ERR_UNSUP, "unsupported")
+    if isinstance(event, InvalidOption):
+        return hs.send_error(event.rep, event.message)
+    if isinstance(event, ExportNameOption):
+        if event.name not in EXPORTS:
+            raise Closed(event.name)  # EXPORT_NAME cannot be refused with an error
+        return hs.send_export_name_reply(EXPORTS[event.name], FLAGS)
+    if isinstance(event, InfoOption):
+        if event.name not in EXPORTS:
+            return hs.send_error(Rep.ERR_UNKNOWN, f"no export {event.name!r}")
+        parts = [hs.send_info_export(EXPORTS[event.name], FLAGS)]
+        if Info.NAME in event.requests:
+            parts.append(hs.send_info_name(event.name))
+        if Info.DESCRIPTION in event.requests:
+            parts.append(hs.send_info_description("x" * 5000))
+        if Info.BLOCK_SIZE in event.requests:
+            parts.append(hs.send_info_block_size(512, 4096, MAX_PAYLOAD))
+        return b"".join([*parts, hs.send_ack()])
+    if isinstance(event, MetaContextOption):
+        parts = []
+        if "base:allocation" in event.queries or not event.queries:
+            parts.append(hs.send_meta_context(1, "base:allocation", event.name))
+        return b"".join([*parts, hs.send_ack()])
+    raise AssertionError(f"unexpected event {event!r}")
+
+
+def drive_server_handshake(chunks: Iterable[bytes]) -> tuple[ServerHandshake, bytes]:
+    """Feed a client's bytes to a server handshake; return it and the bytes after it.
+    Raises only ProtocolError or Closed (a clean disconnect), or BadReply (our bug)."""
+    hs = ServerHandshake(max_option_length=4096)
+    for chunk in chunks:
+        hs.receive_data(chunk)
+        while hs.state not in (State.TRANSMISSION, State.CLOSED, State.TLS_HANDOVER):
+            event = hs.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, ClientFlags):
+                continue
+            opt = hs._option  # the option being answered, for the framing check
+            reply = answer_option(hs, event)
+            if isinstance(event, ExportNameOption):
+                if len(reply) not in (10, 134):
+                    raise BadReply(f"EXPORT_NAME reply of {len(reply)} bytes")
+            else:
+                assert isinstance(opt, int)
+                check_option_replies(reply, opt)
+        if hs.state is not State.OPTIONS and hs.state is not State.AWAIT_CLIENT_FLAGS:
+            break
+    return hs, hs.trailing_data
+
+
+def drive_server_transmission(
+    chunks: Iterable[bytes], negotiated: Negotiated, size: int = 1 << 20
+) -> list[Request]:
+    """Feed requests to a server transmission machine and answer each as the server does
+    (data of the right length for a good READ). Returns the requests that were served."""
+    tx = ServerTransmission(negotiated, max_write_payload=MAX_PAYLOAD)
+    limits = ExportLimits(size=size, flags=FLAGS, min_block=512, max_payload=MAX_PAYLOAD)
+    served: list[Request] = []
+    for chunk in chunks:
+        tx.receive_data(chunk)
+        while (event := tx.next_event()) is not NEED_DATA:
+            if isinstance(event, Disconnect):
+                return served
+            assert isinstance(event, Request)
+            error, _ = check_request(event, limits, negotiated)
+            if error is not Errno.OK:
+                tx.error_reply(event.cookie, error, "refused")
+                continue
+            if event.offset + event.length > size or event.length > MAX_PAYLOAD:
+                raise BadReply(f"{event} passed the checks but is outside the export")
+            if event.cmd == Cmd.READ:
+                tx.read_reply_header(event.cookie, event.offset, event.length)
+            elif event.cmd == Cmd.BLOCK_STATUS:
+                tx.block_status_reply(event.cookie, [(1, [(event.length, 0)])])
+            else:
+                tx.ok_reply(event.cookie)
+            served.append(event)
+    return served
+
+
+def drive_client_handshake(chunks: Iterable[bytes]) -> None:
+    """A client asking INFO, then GO, fed arbitrary server bytes."""
+    hs = ClientHandshake()
+    asked = 0
+    for chunk in chunks:
+        hs.receive_data(chunk)
+        while (event := hs.next_event()) is not NEED_DATA:
+            del event
+            if hs.state is State.AWAIT_CLIENT_FLAGS:
+                hs.send_client_flags()
+            if hs.state is State.OPTIONS:
+                if asked == 0:
+                    hs.opt_info("demo", (Info.BLOCK_SIZE,))
+                elif asked == 1:
+                    hs.opt_list()
+                elif asked == 2:
+                    hs.opt_go("demo")
+                else:
+                    return
+                asked += 1
+            if hs.state in (State.TRANSMISSION, State.TLS_HANDOVER):
+                return
+
+
+def drive_client_transmission(chunks: Iterable[bytes], structured: bool) -> None:
+    """A client with reads and a block status in flight, fed arbitrary server bytes."""
+    negotiated = Negotiated(structured_replies=structured, meta_contexts={1: "base:allocation"})
+    tx = ClientTransmission(negotiated, max_reply_payload=MAX_PAYLOAD)
+    for i in range(4):
+        tx.request(Cmd.READ, 512 * i, 512 * (i + 1))
+    if structured:
+        tx.request(Cmd.BLOCK_STATUS, 0, 1 << 20)
+    for chunk in chunks:
+        tx.receive_data(chunk)
+        while tx.next_event() is not NEED_DATA:
+            pass
+
+
+def good_client_stream() -> bytes:
+    """A plausible client session, as a seed for fuzzing and a sanity check."""
+    out = struct.pack(">I", 3)
+    out += struct.pack(">QII", IHAVEOPT, Opt.STRUCTURED_REPLY, 0)
+    out += struct.pack(">QII", IHAVEOPT, Opt.LIST, 0)
+    name = b"demo"
+    info = struct.pack(">I", len(name)) + name + struct.pack(">HHH", 2, Info.NAME, Info.BLOCK_SIZE)
+    out += struct.pack(">QII", IHAVEOPT, Opt.INFO, len(info)) + info
+    out += struct.pack(">QII", IHAVEOPT, Opt.GO, len(info)) + info
+    out += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.READ, 1, 0, 4096)
+    out += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.DISC, 2, 0, 0)
+    return out
