@@ -131,7 +131,7 @@ class Connection:
 
     # -- I/O helpers ---------------------------------------------------------------------
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes | bytearray) -> None:
         async with self._send_lock:
             timeout = self.limits.reply_timeout
             try:
@@ -396,10 +396,17 @@ class Connection:
                     elif (
                         req.cmd == Cmd.READ
                         and req.length <= INLINE_MAX
-                        and (cached := backend.pread_nowait(req.offset, req.length)) is not None
+                        and (
+                            reply := backend.pread_nowait(
+                                tx.read_reply_header(req.cookie, req.offset, req.length),
+                                req.offset,
+                                req.length,
+                            )
+                        )
+                        is not None
                     ):
-                        self.stats.bytes_read += len(cached)
-                        batch.add(tx.read_reply_header(req.cookie, req.offset, len(cached)), cached)
+                        self.stats.bytes_read += req.length
+                        batch.add(reply)
                     elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
                         await self._reserve(req, slots, batch)
                         nursery.start_soon(self._slow_request, tx, req, slots)
@@ -451,11 +458,12 @@ class Connection:
         size = req.length if req.cmd == Cmd.READ else 0
         try:
             assert self._backend is not None
+            reply: bytes | bytearray
             try:
                 if req.cmd == Cmd.READ:
-                    data = await self._backend.pread(req.offset, req.length)
-                    self.stats.bytes_read += len(data)
-                    reply = tx.read_reply_header(req.cookie, req.offset, len(data)) + data
+                    head = tx.read_reply_header(req.cookie, req.offset, req.length)
+                    reply = await self._backend.pread(head, req.offset, req.length)
+                    self.stats.bytes_read += req.length
                 else:
                     extents = await self._backend.extents(req.offset, req.length)
                     extents = _clip_extents(extents, req)
@@ -494,12 +502,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 class _Batch:
     """Replies gathered into one write: at high queue depth, one syscall answers many."""
 
-    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+    def __init__(self, send: Callable[[bytes | bytearray], Awaitable[None]]) -> None:
         self._send = send
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | bytearray] = []
         self._size = 0
 
-    def add(self, *parts: bytes) -> None:
+    def add(self, *parts: bytes | bytearray) -> None:
         self._parts.extend(parts)
         self._size += sum(len(p) for p in parts) + 1
 
@@ -509,7 +517,7 @@ class _Batch:
 
     async def flush(self) -> None:
         if self._parts:
-            data = b"".join(self._parts)
+            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
             self._parts, self._size = [], 0
             await self._send(data)
 

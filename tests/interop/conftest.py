@@ -34,6 +34,13 @@ class RunningServer:
     def log_text(self) -> str:
         return "".join(self.log)
 
+    def rss_mib(self) -> float:
+        """Resident memory of the server process now."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS line")
+
 
 def start_server_process(root: Path, *args: str, listen: str = "127.0.0.1:0") -> RunningServer:
     """``python -m erofs_nbdd serve`` (a free loopback port by default); waits until it
