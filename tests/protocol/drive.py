@@ -126,7 +126,8 @@ def drive_server_handshake(chunks: Iterable[bytes]) -> tuple[ServerHandshake, by
     """Feed a client's bytes to a server handshake; return it and the bytes after it.
     Raises only ProtocolError or Closed (a clean disconnect), or BadReply (our bug)."""
     hs = ServerHandshake(max_option_length=4096)
-    for chunk in chunks:
+    pieces = iter(chunks)
+    for chunk in pieces:
         hs.receive_data(chunk)
         while hs.state not in (State.TRANSMISSION, State.CLOSED, State.TLS_HANDOVER):
             event = hs.next_event()
@@ -144,7 +145,7 @@ def drive_server_handshake(chunks: Iterable[bytes]) -> tuple[ServerHandshake, by
                 check_option_replies(reply, opt)
         if hs.state is not State.OPTIONS and hs.state is not State.AWAIT_CLIENT_FLAGS:
             break
-    return hs, hs.trailing_data
+    return hs, hs.trailing_data + b"".join(pieces)  # what the transmission phase gets
 
 
 def drive_server_transmission(
