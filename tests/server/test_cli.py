@@ -78,3 +78,32 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--default-export" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-connections", "0"], "--max-connections must be above 0, not 0"),
+        (["--max-in-flight", "0"], "--max-in-flight must be above 0"),
+        (["--idle-timeout", "-1"], "--idle-timeout must be 0 or more, not -1"),
+        (["--max-server-buffer", "0"], "--max-server-buffer must be above 0"),
+    ],
+)
+def test_bad_limits_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["serve", str(tmp_path), *args]) == ExitStatus.USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_limits_reach_the_config(tmp_path: Path) -> None:
+    from erofs_nbdd.cli import _config, build_parser
+
+    args = build_parser().parse_args(
+        ["serve", str(tmp_path), "--idle-timeout", "30", "--max-connections-per-client", "0",
+         "--reply-timeout", "5", "--max-connection-buffer", "1048576"]
+    )  # fmt: skip
+    limits = _config(args).limits
+    assert (limits.idle_timeout, limits.max_connections_per_client) == (30, 0)
+    assert (limits.reply_timeout, limits.max_connection_buffer) == (5, 1 << 20)
+    assert limits.max_connections == 1024  # untouched defaults stay
