@@ -5,6 +5,7 @@
 #                               then the kernel tests inside a VM (tests/vm/vmrun.py)
 #   ./setup.sh test-host [ARGS] only the host tests (ARGS go to pytest)
 #   ./setup.sh test-kernel [ARGS] only the kernel tests, in the VM (ARGS go to pytest)
+#   ./setup.sh bench [ARGS]     the benchmark against nbdkit and qemu-nbd (--quick: under 3 min)
 #   ./setup.sh install          only install (system packages, .venv)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -66,6 +67,10 @@ shift || true
 case "$cmd" in
     install)
         install_system; install_python ;;
+    bench)
+        install_system; install_python
+        "$VENV/bin/python" -m pip install -q -e '.[bench]'
+        exec "$VENV/bin/python" -m bench.run "$@" ;;
     serve)
         install_system; install_python; build_demo
         say "serving images/ on port 10809 (try: nbdinfo --list nbd://localhost); Ctrl-C stops"

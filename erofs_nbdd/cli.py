@@ -15,10 +15,13 @@ import trio
 from . import __version__
 from .certs import DEFAULT_DAYS, make_certificates
 from .config import DEFAULT_PORT, Limits, ServerConfig
-from .server import ListenError, Server, parse_listen
+from .listen import ListenError, describe, parse_listen
+from .server import Server, bind_listen
 from .tls import TLSConfig, TLSMode, TLSSetupError, parse_allow
+from .workers import run_workers, share
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Sequence
 
 
@@ -76,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--default-export", metavar="NAME", help="export served for the empty name")
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    s.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="server processes sharing the listening sockets; server-wide limits are split "
+        "between them (default 1)",
+    )  # fmt: skip
     lim = s.add_argument_group("limits", "what one client may cost the server (README: Limits)")
     for flag, field, help_text in LIMIT_FLAGS:
         default = getattr(Limits, field)
@@ -150,11 +158,11 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def _serve_until_signalled(config: ServerConfig) -> None:
+async def _serve_until_signalled(config: ServerConfig, sockets: list[socket.socket]) -> None:
     server = Server(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
+            await nursery.start(server.run, sockets)
 
             async def on_signal() -> None:
                 async for signum in signals:
@@ -203,18 +211,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _certs(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
     try:
         config = _config(args)
         if not args.directory.is_dir():
             parser.error(f"{args.directory} is not a directory")
+        if args.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {args.workers}")
+        sockets = bind_listen(config.listen)
+    except (ListenError, TLSSetupError, UsageError) as exc:
+        print(f"erofs-nbdd: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    except OSError as exc:
+        print(f"erofs-nbdd: {exc}", file=sys.stderr)
+        return ExitStatus.ERROR
+    if args.workers == 1:
+        return _serve(config, sockets)
+    logging.getLogger("erofs_nbdd").info(
+        "%d worker processes on %s", args.workers, ", ".join(describe(s) for s in sockets)
+    )
+    shared = share(config, args.workers)
+    return run_workers(args.workers, sockets, lambda socks: _serve(shared, socks))
+
+
+def _serve(config: ServerConfig, sockets: list[socket.socket]) -> int:
+    """One server process (the only one, or a worker) until SIGINT/SIGTERM."""
+    try:
         try:
-            trio.run(_serve_until_signalled, config)
+            trio.run(_serve_until_signalled, config, sockets)
         except BaseExceptionGroup as group:
             raise _sole(group) from None
-    except (ListenError, TLSSetupError, UsageError) as exc:
+    except TLSSetupError as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except OSError as exc:

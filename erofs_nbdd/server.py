@@ -5,94 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import socket
-import stat
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from .address import parse_port, split_host_port
 from .budget import ByteBudget
 from .connection import ClientGone, Connection, LimitExceeded, Refused
 from .exports import ExportDirectory
+from .listen import bind, close_all, describe, parse_listen
 from .protocol import ProtocolError
 from .tls import TLSMode, server_context
 
 if TYPE_CHECKING:
+    import socket
+
     from .config import ServerConfig
 
 log = logging.getLogger("erofs_nbdd.server")
-
-
-class ListenError(ValueError):
-    """A --listen value that cannot be used; the message says how to write it."""
-
-
-@dataclass(frozen=True)
-class ListenSpec:
-    family: str  # "tcp" or "unix"
-    host: str | None = None
-    port: int = 0
-    path: str = ""
-
-
-def parse_listen(text: str, default_port: int = 10809) -> ListenSpec:
-    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` (all addresses) or ``unix:PATH``."""
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path:
-            raise ListenError("unix: needs a path, e.g. unix:/run/erofs-nbdd.sock")
-        return ListenSpec("unix", path=path)
-    try:
-        host, port_text = split_host_port(text)
-        port = parse_port(text, port_text, default_port, allow_zero=True)
-    except ValueError as exc:
-        raise ListenError(str(exc)) from None
-    return ListenSpec("tcp", host=host or None, port=port)
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """A socket file left by an earlier run would make bind() fail; anything else stays."""
-    try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-async def open_listeners(spec: ListenSpec) -> list[trio.SocketListener]:
-    """Bind one --listen address; an OSError names the address and the cause."""
-    try:
-        return await _open_listeners(spec)
-    except OSError as exc:
-        where = f"unix:{spec.path}" if spec.family == "unix" else f"{spec.host or '*'}:{spec.port}"
-        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
-
-
-async def _open_listeners(spec: ListenSpec) -> list[trio.SocketListener]:
-    if spec.family == "tcp":
-        return await trio.open_tcp_listeners(spec.port, host=spec.host)
-    path = Path(spec.path)
-    _remove_stale_socket(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(str(path))
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return [trio.SocketListener(sock)]
-
-
-def describe_listener(listener: trio.SocketListener) -> str:
-    name = listener.socket.getsockname()
-    if isinstance(name, str):
-        return f"unix:{name}"
-    host, port = name[0], name[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, str]:
@@ -105,6 +35,18 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
         return "unix", "unix"
     host, port = name[0], name[1]
     return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listen(listen: tuple[str, ...]) -> list[socket.socket]:
+    """Every --listen address, bound and listening; all or nothing."""
+    socks: list[socket.socket] = []
+    try:
+        for text in listen:
+            socks += bind(parse_listen(text))
+    except BaseException:
+        close_all(socks)
+        raise
+    return socks
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -139,9 +81,14 @@ class Server:
         self._next_id = 0
 
     async def run(
-        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+        self,
+        sockets: list[socket.socket] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until ``shutdown`` (or cancellation); ``started`` gets the addresses."""
+        """Serve until ``shutdown`` (or cancellation) on ``sockets`` (bound by the caller,
+        as worker processes share them) or on the configured addresses; ``started`` gets
+        the addresses."""
         config = self.config
         found = await trio.to_thread.run_sync(self.exports.scan)
         log.info(
@@ -150,15 +97,10 @@ class Server:
         )  # fmt: skip
         if config.default_export is not None and config.default_export not in found:
             log.warning("--default-export %r names no export (yet)", config.default_export)
-        listeners: list[trio.SocketListener] = []
-        try:
-            for text in config.listen:
-                listeners += await open_listeners(parse_listen(text))
-        except BaseException:
-            for lst in listeners:
-                await lst.aclose()
-            raise
-        addresses = [describe_listener(lst) for lst in listeners]
+        if sockets is None:
+            sockets = bind_listen(config.listen)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        addresses = [describe(s) for s in sockets]
         log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
         files = raise_file_limit(config.limits.max_connections + 64)
         if files < config.limits.max_connections + 64:

@@ -1,0 +1,154 @@
+"""Summaries of the benchmark runs: medians with min and max, ratios of erofs-nbdd to nbdkit
+(TLS to nbdkit with TLS), the issue's targets, a text table and a PNG plot."""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from .workloads import primary
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .workloads import Workload
+
+#: workload -> (metric, target ratio to nbdkit, higher is better). QD1 is judged by p50.
+TARGETS: dict[str, tuple[str, float, bool]] = {
+    "seq1m_qd8": ("mib_s", 1.0, True),
+    "nbdcopy": ("mib_s", 1.0, True),
+    "rand4k_qd32": ("iops", 0.7, True),
+    "rand4k_qd1": ("p50_us", 1.5, False),
+}
+TLS_TARGETS = {"seq1m_qd8": ("mib_s", 1.0, True)}
+Summary = dict[str, dict[str, dict[str, dict[str, float]]]]
+
+
+def summarize(runs: list[dict[str, Any]], workloads: list[Workload], names: list[str]) -> Summary:
+    """server -> workload -> metric -> {median, min, max}."""
+    out: Summary = {}
+    for name in names:
+        for w in workloads:
+            mine = [r for r in runs if r["server"] == name and r["workload"] == w.name]
+            if not mine:
+                continue
+            metrics = [k for k, v in mine[0].items() if isinstance(v, float)]
+            out.setdefault(name, {})[w.name] = {
+                m: {
+                    "median": statistics.median(r[m] for r in mine),
+                    "min": min(r[m] for r in mine),
+                    "max": max(r[m] for r in mine),
+                }
+                for m in metrics
+            }
+    return out
+
+
+def ratio(summary: Summary, ours: str, ref: str, workload: str, metric: str) -> float | None:
+    try:
+        a = summary[ours][workload][metric]["median"]
+        b = summary[ref][workload][metric]["median"]
+    except KeyError:
+        return None
+    return a / b if b else None
+
+
+def verdicts(summary: Summary) -> list[tuple[str, float, float, bool, bool]]:
+    """(what, ratio, target, higher_is_better, met) for every target measured."""
+    out = []
+    for ours, ref, targets in (
+        ("erofs-nbdd", "nbdkit", TARGETS),
+        ("erofs-nbdd-tls", "nbdkit-tls", TLS_TARGETS),
+    ):
+        for workload, (metric, target, higher) in targets.items():
+            r = ratio(summary, ours, ref, workload, metric)
+            if r is not None:
+                met = r >= target if higher else r <= target
+                out.append((f"{ours} {workload} {metric}", r, target, higher, met))
+    return out
+
+
+def render_table(
+    summary: Summary,
+    workloads: list[Workload],
+    names: list[str],
+    memory: dict[str, float],
+    meta: dict[str, Any],
+) -> str:
+    lines = [
+        f"erofs-nbdd benchmark, {meta['date']}, {meta['machine']}",
+        f"{meta['repeats']} round(s) of {meta['duration_s']:g} s, pin={meta['pin']}; "
+        "median [min..max]; QD1 adds p50/p99 latency",
+        "",
+    ]
+    head = f"{'server':16}" + "".join(f"{w.label:>30}" for w in workloads)
+    lines += [head, "-" * len(head)]
+    for name in names:
+        row = f"{name:16}"
+        for w in workloads:
+            cell = summary.get(name, {}).get(w.name)
+            if cell is None:
+                row += f"{'-':>30}"
+                continue
+            m = cell[primary(w)]
+            text = f"{m['median']:.0f} [{m['min']:.0f}..{m['max']:.0f}]"
+            if w.name == "rand4k_qd1":
+                text += f" {cell['p50_us']['median']:.0f}/{cell['p99_us']['median']:.0f}us"
+            row += f"{text:>30}"
+        lines.append(row)
+    lines += ["", "ratios to nbdkit in this run (targets from the performance issue):"]
+    for what, r, target, higher, met in verdicts(summary):
+        sign = ">=" if higher else "<="
+        lines.append(f"  {what:38} {r:5.2f}x  target {sign} {target:g}x  "
+                     f"{'met' if met else 'NOT met'}")  # fmt: skip
+    if memory:
+        met = memory["rss_peak_mib"] < 100
+        lines.append(
+            f"  erofs-nbdd RSS, 64 conns x 128 reads in flight: {memory['rss_peak_mib']:.0f} MiB"
+            f"  target < 100 MiB  {'met' if met else 'NOT met'}"
+        )
+    cpu = [
+        f"{name} {summary[name][w.name]['server_cpu']['median']:.2f}"
+        for name in names
+        for w in workloads
+        if w.name == "rand4k_qd32" and name in summary and w.name in summary[name]
+    ]
+    if cpu:
+        lines += ["", "server CPU (cores busy) during rand 4k QD32: " + ", ".join(cpu)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Summary, workloads: list[Workload], path: Path, meta: dict[str, Any]) -> bool:
+    """erofs-nbdd relative to nbdkit per workload, plaintext and TLS; False without
+    matplotlib (the table and JSON still hold everything)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [w.name for w in workloads]
+    series = []
+    for ours, ref in (("erofs-nbdd", "nbdkit"), ("erofs-nbdd-tls", "nbdkit-tls")):
+        values = []
+        for w in workloads:
+            r = ratio(summary, ours, ref, w.name, primary(w))
+            values.append(r or 0.0)
+        if any(values):
+            series.append((f"{ours} / {ref}", values))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series):
+        xs = [x + i * width for x in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
+    ax.set_ylabel("throughput relative to nbdkit (1.0 = equal)")
+    ax.set_title(f"erofs-nbdd vs nbdkit, {meta['date'][:10]}, {meta['machine'].split(',')[1]}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

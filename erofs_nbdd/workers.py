@@ -1,0 +1,108 @@
+"""``--workers N``: N server processes accepting from the same listening sockets.
+
+One Python process serves with one core; several spread connections over the cores. The
+parent binds the sockets, forks the workers (before any trio loop exists), forwards
+SIGINT/SIGTERM to them, restarts one that dies unexpectedly, and exits when all have
+stopped. Server-wide limits are split between the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+
+    from .config import ServerConfig
+
+log = logging.getLogger("erofs_nbdd.workers")
+
+#: More unexpected worker deaths than this within RESTART_WINDOW seconds: give up.
+MAX_RESTARTS = 10
+RESTART_WINDOW = 60.0
+
+
+def share(config: ServerConfig, workers: int) -> ServerConfig:
+    """Each worker's part of the server-wide limits (rounded up)."""
+    lim = config.limits
+
+    def part(total: int) -> int:
+        return max(1, -(-total // workers))
+
+    limits = dataclasses.replace(
+        lim,
+        max_connections=part(lim.max_connections),
+        max_connections_per_client=part(lim.max_connections_per_client)
+        if lim.max_connections_per_client
+        else 0,
+        max_server_buffer=max(part(lim.max_server_buffer), lim.max_payload),
+    )
+    return dataclasses.replace(config, limits=limits)
+
+
+def run_workers(
+    workers: int,
+    sockets: list[socket.socket],
+    serve: Callable[[list[socket.socket]], int],
+) -> int:
+    """Fork ``workers`` processes running ``serve(sockets)``; supervise them until they
+    have all exited after a signal. Returns the exit status for the parent."""
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def spawn(index: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # the worker: default signal handling, its own trio loop
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            status = 1
+            try:
+                status = serve(sockets)
+            finally:
+                os._exit(status)
+        log.info("worker %d started (pid %d)", index, pid)
+        return pid
+
+    children: dict[int, int] = {}  # pid -> worker index
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for i in range(workers):
+        children[spawn(i)] = i
+    # The parent keeps the sockets (a restarted worker needs them) but never accepts.
+    deaths: list[float] = []
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or (code if code > 0 else 0)
+            continue
+        log.error("worker %d (pid %d) died unexpectedly (status %d)", index, pid, code)
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
+        if len(deaths) > MAX_RESTARTS:
+            log.error("workers keep dying (%d in %.0f s); stopping", len(deaths), RESTART_WINDOW)
+            forward(signal.SIGTERM, None)
+            status = 1
+            continue
+        children[spawn(index)] = index
+    return status

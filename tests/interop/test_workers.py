@@ -1,0 +1,61 @@
+"""``--workers N``: several processes share the listening socket; signals reach them all,
+and a worker that dies is replaced."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from ..conftest import require_tool
+from .conftest import start_server_process, stop_server_process
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def copy(uri: str) -> str:
+    out = subprocess.run(
+        [require_tool("nbdcopy"), uri, "-"], capture_output=True, timeout=60, check=True
+    ).stdout
+    return hashlib.sha256(out).hexdigest()
+
+
+def worker_pids(log: str) -> list[int]:
+    return [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", log)]
+
+
+def test_workers_share_the_load_and_stop_together(images: Path) -> None:
+    server = start_server_process(images, "--workers", "2")
+    try:
+        want = hashlib.sha256((images / "demo.erofs").read_bytes()).hexdigest()
+        with ThreadPoolExecutor(8) as pool:
+            digests = list(pool.map(copy, [server.uri("demo")] * 16))
+        assert digests == [want] * 16
+        pids = worker_pids(server.log_text())
+        assert len(pids) == 2
+        served_by = set(re.findall(r"\[(\d+)\]: #\d+ .* export=demo", server.log_text()))
+        assert served_by <= {str(p) for p in pids}
+        assert len(served_by) == 2, server.log_text()  # 16 connections, both took some
+
+        # A worker killed outright is replaced; the server keeps serving.
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(worker_pids(server.log_text())) < 3:
+            time.sleep(0.05)
+        assert len(worker_pids(server.log_text())) == 3, server.log_text()
+        assert "died unexpectedly" in server.log_text()
+        assert copy(server.uri("demo")) == want
+    finally:
+        status = stop_server_process(server)
+    text = server.log_text()
+    assert status == 0, text
+    assert text.count("server stopped") == 2, text  # both live workers shut down cleanly
+    assert "Traceback" not in text
+    for pid in worker_pids(text):
+        assert not os.path.exists(f"/proc/{pid}")  # reaped by the parent, none left behind
