@@ -16,8 +16,10 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,13 +60,26 @@ def build_image(mib: int) -> Path:
     return image
 
 
-def make_pki(out: Path) -> tuple[Path, Path]:
+def make_pki(out: Path) -> tuple[Path, list[str]]:
+    """Certificates from ``erofs-nbdd certs``, and the command prefix that runs a client
+    with them: libnbd reads $HOME/.pki/libnbd, except for root (/etc/pki/libnbd, which we
+    leave alone), so as root the clients run as nobody with a HOME of their own."""
     pki = out / "pki"
     subprocess.run(
         [sys.executable, "-m", "erofs_nbdd", "certs", str(pki), "--client", "bench"],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    return pki, pki / "clients" / "bench"
+    home = Path(tempfile.mkdtemp(prefix="erofs-nbdd-bench-home-"))
+    libnbd = home / ".pki" / "libnbd"
+    libnbd.mkdir(parents=True)
+    for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        shutil.copy(pki / "clients" / "bench" / name, libnbd / name)
+    for path in (home, home / ".pki", libnbd, *libnbd.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    prefix = ["env", f"HOME={home}"]
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *prefix]
+    return pki, prefix
 
 
 def warm(image: Path) -> float:
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     image = build_image(args.image_mib)
     size = image.stat().st_size
-    pki, client_pki = make_pki(out)
+    pki, client_prefix = make_pki(out)
     server_cpus, client_cpus = ("0", "1") if args.pin == "split" else (None, None)
     servers = make_servers(names, image, pki, out / "logs", args.base_port, args.workers)
     results: list[dict[str, object]] = []
@@ -132,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     resident = warm(image)
                     cpu0 = server.cpu_seconds()
                     t0 = time.monotonic()
-                    uri = server.uri(client_pki)
+                    uri = server.uri()
                     if w.kind == "fio":
-                        figures = run_fio(w, uri, args.duration, client_cpus)
+                        figures = run_fio(w, uri, args.duration, client_cpus, client_prefix)
                     else:
-                        figures = run_nbdcopy(uri, size, client_cpus)
+                        figures = run_nbdcopy(uri, size, client_cpus, client_prefix)
                     elapsed = time.monotonic() - t0
                     figures["server_cpu"] = (server.cpu_seconds() - cpu0) / elapsed
                     figures["resident_before"] = resident

@@ -30,10 +30,10 @@ class Server:
     def kind(self) -> str:
         return self.name.removesuffix("-tls")
 
-    def uri(self, client_pki: Path) -> str:
-        if self.tls:
-            return f"nbds://{HOST}:{self.port}/{EXPORT}?tls-certificates={client_pki}"
-        return f"nbd://{HOST}:{self.port}/{EXPORT}"
+    def uri(self) -> str:
+        """fio's nbd engine may not name files in a URI, so TLS clients find their
+        certificates where libnbd looks by default (see ``client_prefix``)."""
+        return f"{'nbds' if self.tls else 'nbd'}://{HOST}:{self.port}/{EXPORT}"
 
     def start(self, cpus: str | None) -> None:
         argv = ["taskset", "-c", cpus, *self.argv] if cpus else self.argv

@@ -41,16 +41,22 @@ WORKLOADS = {
 }
 
 
-def run_fio(w: Workload, uri: str, seconds: float, cpus: str | None) -> dict[str, float]:
+def client_argv(argv: list[str], cpus: str | None, prefix: list[str]) -> list[str]:
+    return (["taskset", "-c", cpus] if cpus else []) + prefix + argv
+
+
+def run_fio(
+    w: Workload, uri: str, seconds: float, cpus: str | None, prefix: list[str]
+) -> dict[str, float]:
     argv = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}",
         f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}",
         "--group_reporting", "--time_based", f"--runtime={seconds}", "--ramp_time=0.5",
         "--output-format=json", "--randrepeat=0",
     ]  # fmt: skip
-    if cpus:
-        argv = ["taskset", "-c", cpus, *argv]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    result = subprocess.run(
+        client_argv(argv, cpus, prefix), capture_output=True, text=True, timeout=seconds + 60
+    )
     if result.returncode != 0:
         raise RuntimeError(f"fio failed: {result.stderr[-1500:]}")
     job = json.loads(result.stdout[result.stdout.index("{") :])["jobs"][0]
@@ -66,10 +72,10 @@ def run_fio(w: Workload, uri: str, seconds: float, cpus: str | None) -> dict[str
     }
 
 
-def run_nbdcopy(uri: str, size: int, cpus: str | None, loops: int = 2) -> dict[str, float]:
-    argv = ["nbdcopy", uri, "null:"]
-    if cpus:
-        argv = ["taskset", "-c", cpus, *argv]
+def run_nbdcopy(
+    uri: str, size: int, cpus: str | None, prefix: list[str], loops: int = 2
+) -> dict[str, float]:
+    argv = client_argv(["nbdcopy", uri, "null:"], cpus, prefix)
     best = float("inf")
     for _ in range(loops):
         start = time.monotonic()

@@ -20,13 +20,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .config import DEFAULT_CERT_DAYS
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
-DEFAULT_DAYS = 825  # what browsers still accept for leaf certificates; CA gets 10 years
+DEFAULT_DAYS = DEFAULT_CERT_DAYS
 CA_DAYS = 3650
 
 

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
-from .certs import DEFAULT_DAYS, make_certificates
-from .config import DEFAULT_PORT, Limits, ServerConfig
+from .config import DEFAULT_CERT_DAYS, DEFAULT_PORT, Limits, ServerConfig
 from .listen import ListenError, describe, parse_listen
 from .server import Server, bind_listen
 from .tls import TLSConfig, TLSMode, TLSSetupError, parse_allow
@@ -126,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "this machine's hostname)",
     )  # fmt: skip
     c.add_argument("--client", action="append", default=[], metavar="NAME")
-    c.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity of new certificates")
+    c.add_argument(
+        "--days", type=int, default=DEFAULT_CERT_DAYS, help="validity of new certificates"
+    )
     c.add_argument("--force", action="store_true", help="replace existing files")
     return parser
 
@@ -184,6 +185,8 @@ def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def _certs(args: argparse.Namespace) -> int:
+    from .certs import make_certificates  # cryptography costs a server ~9 MiB: only here
+
     for name in args.client:
         if not name or "/" in name or name in (".", ".."):
             print(f"erofs-nbdd: --client {name!r}: use a plain name such as ci-runner-1",
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{args.directory} is not a directory")
         if args.workers < 1:
             raise UsageError(f"--workers must be at least 1, not {args.workers}")
-        sockets = bind_listen(config.listen)
+        sets = bind_listen(config.listen, args.workers)
     except (ListenError, TLSSetupError, UsageError) as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
@@ -228,12 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
     if args.workers == 1:
-        return _serve(config, sockets)
+        return _serve(config, sets[0])
     logging.getLogger("erofs_nbdd").info(
-        "%d worker processes on %s", args.workers, ", ".join(describe(s) for s in sockets)
+        "%d worker processes on %s", args.workers, ", ".join(describe(s) for s in sets[0])
     )
     shared = share(config, args.workers)
-    return run_workers(args.workers, sockets, lambda socks: _serve(shared, socks))
+    return run_workers(sets, lambda socks: _serve(shared, socks))
 
 
 def _serve(config: ServerConfig, sockets: list[socket.socket]) -> int:

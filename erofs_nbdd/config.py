@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 DEFAULT_PORT = 10809
+#: Validity of new leaf certificates: what browsers still accept; the CA gets 10 years.
+DEFAULT_CERT_DAYS = 825
 
 
 @dataclass(frozen=True)

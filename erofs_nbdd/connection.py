@@ -48,6 +48,7 @@ from .protocol.events import (
     UnsupportedOption,
 )
 from .tls import TLSMode, peer_common_name, peer_subject
+from .tlsstream import TLSStream
 
 if TYPE_CHECKING:
     import ssl
@@ -60,10 +61,10 @@ log = logging.getLogger("erofs_nbdd.connection")
 
 RECEIVE_SIZE = 256 * 1024
 #: Replies are gathered up to this many bytes before one write.
-BATCH_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
 #: Reads up to this size may be answered inline from the page cache; bigger ones take the
-#: budgeted path, so the unbudgeted memory of a connection stays about 2 * BATCH_BYTES.
-INLINE_MAX = BATCH_BYTES
+#: budgeted path, so a connection holds at most BATCH_BYTES + INLINE_MAX outside the budgets.
+INLINE_MAX = 1024 * 1024
 BASE_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
@@ -277,7 +278,7 @@ class Connection:
             return
         await self._send(hs.send_ack())
         hs.start_tls()  # plaintext that came after STARTTLS is an injection: dropped here
-        stream = trio.SSLStream(self.stream, self.ssl_context, server_side=True)
+        stream = TLSStream(self.stream, self.ssl_context, server_side=True)
         self.stream = stream
         try:
             await stream.do_handshake()

@@ -13,6 +13,7 @@ import trio
 from .budget import ByteBudget
 from .connection import ClientGone, Connection, LimitExceeded, Refused
 from .exports import ExportDirectory
+from .faststream import FastSocketStream
 from .listen import bind, close_all, describe, parse_listen
 from .protocol import ProtocolError
 from .tls import TLSMode, server_context
@@ -37,16 +38,18 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
     return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_listen(listen: tuple[str, ...]) -> list[socket.socket]:
-    """Every --listen address, bound and listening; all or nothing."""
-    socks: list[socket.socket] = []
+def bind_listen(listen: tuple[str, ...], copies: int = 1) -> list[list[socket.socket]]:
+    """Every --listen address, bound and listening, in ``copies`` sets (one per worker
+    process); all or nothing."""
+    sets: list[list[socket.socket]] = [[] for _ in range(copies)]
     try:
         for text in listen:
-            socks += bind(parse_listen(text))
+            for mine, socks in zip(sets, bind(parse_listen(text), copies), strict=True):
+                mine += socks
     except BaseException:
-        close_all(socks)
+        close_all(list({id(s): s for copy in sets for s in copy}.values()))
         raise
-    return socks
+    return sets
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -98,7 +101,7 @@ class Server:
         if config.default_export is not None and config.default_export not in found:
             log.warning("--default-export %r names no export (yet)", config.default_export)
         if sockets is None:
-            sockets = bind_listen(config.listen)
+            sockets = bind_listen(config.listen)[0]
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         addresses = [describe(s) for s in sockets]
         log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
@@ -146,8 +149,9 @@ class Server:
             return
         self._per_client[host] = mine + 1
         conn = Connection(
-            stream, peer, self.config, self.exports, self.ssl_context, server_budget=self.budget
-        )
+            FastSocketStream(stream),
+            peer, self.config, self.exports, self.ssl_context, server_budget=self.budget,
+        )  # fmt: skip
         self.connections.add(conn)
         start = time.monotonic()
         level = logging.WARNING  # a connection that ended badly is worth a warning

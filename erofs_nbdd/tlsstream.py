@@ -14,6 +14,7 @@ import ssl
 import trio
 
 TRANSPORT_READ = 256 * 1024
+SEND_SLICE = 1024 * 1024
 
 
 class TLSStream(trio.abc.Stream):
@@ -106,11 +107,14 @@ class TLSStream(trio.abc.Stream):
                     return b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._obj.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-        await self._flush()
+        # Encrypt in slices: a 32 MiB reply must not become 32 MiB more of ciphertext at once.
+        view = memoryview(data)
+        for start in range(0, max(1, len(view)), SEND_SLICE):
+            try:
+                self._obj.write(view[start : start + SEND_SLICE])
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()

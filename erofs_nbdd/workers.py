@@ -48,12 +48,11 @@ def share(config: ServerConfig, workers: int) -> ServerConfig:
 
 
 def run_workers(
-    workers: int,
-    sockets: list[socket.socket],
+    sets: list[list[socket.socket]],
     serve: Callable[[list[socket.socket]], int],
 ) -> int:
-    """Fork ``workers`` processes running ``serve(sockets)``; supervise them until they
-    have all exited after a signal. Returns the exit status for the parent."""
+    """Fork one process per socket set, running ``serve(its sockets)``; supervise them
+    until they have all exited after a signal. Returns the exit status for the parent."""
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -68,9 +67,12 @@ def run_workers(
         if pid == 0:  # the worker: default signal handling, its own trio loop
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            mine = {id(s) for s in sets[index]}
+            for other in (s for copy in sets for s in copy if id(s) not in mine):
+                other.close()  # another worker's REUSEPORT socket: not ours to accept on
             status = 1
             try:
-                status = serve(sockets)
+                status = serve(sets[index])
             finally:
                 os._exit(status)
         log.info("worker %d started (pid %d)", index, pid)
@@ -79,7 +81,7 @@ def run_workers(
     children: dict[int, int] = {}  # pid -> worker index
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    for i in range(workers):
+    for i in range(len(sets)):
         children[spawn(i)] = i
     # The parent keeps the sockets (a restarted worker needs them) but never accepts.
     deaths: list[float] = []
