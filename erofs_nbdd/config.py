@@ -55,3 +55,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     tls: TLSConfig = field(default_factory=TLSConfig)
     verbose: bool = False
+    #: After answering, keep trying to read the next request this long before sleeping in
+    #: epoll: a client at queue depth 1 usually sends it within tens of microseconds, and
+    #: catching it awake saves a scheduler round trip (about 30 us of its latency here).
+    busy_poll_us: int = 30

@@ -16,6 +16,7 @@ import trio
 
 from .backends import Backend, FileBackend
 from .budget import ByteBudget
+from .faststream import FastSocketStream
 from .protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
@@ -129,19 +130,26 @@ class Connection:
         self._server_budget = server_budget or ByteBudget(config.limits.max_server_buffer)
         self._budget = ByteBudget(config.limits.max_connection_buffer)
         self._in_flight = 0
+        # The reply timeout lives in the socket stream, so a timer exists only while a send
+        # is blocked (and covers TLS, whose records go through the same socket).
+        self._socket = stream if isinstance(stream, FastSocketStream) else None
+        self._spin = config.busy_poll_us / 1e6
+        if self._socket is not None and config.limits.reply_timeout > 0:
+            self._socket.send_timeout = config.limits.reply_timeout
 
     # -- I/O helpers ---------------------------------------------------------------------
 
     async def _send(self, data: bytes | bytearray) -> None:
         async with self._send_lock:
-            timeout = self.limits.reply_timeout
             try:
-                with trio.move_on_after(timeout if timeout > 0 else float("inf")) as scope:
-                    await self.stream.send_all(data)
+                await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ClientGone("connection lost while sending") from exc
-            if scope.cancelled_caught:
-                raise LimitExceeded(f"client read no reply for {timeout:g} s (reply timeout)")
+            except trio.TooSlowError:  # the socket's send_timeout: see __init__
+                timeout = self.limits.reply_timeout
+                raise LimitExceeded(
+                    f"client read no reply for {timeout:g} s (reply timeout)"
+                ) from None
 
     async def _receive(self) -> bytes:
         try:
@@ -155,6 +163,13 @@ class Connection:
         ever cancelled by a shutdown, never a reply being written."""
         if self._stopping:
             return None
+        if self._socket is not None and self.stream is self._socket:  # plaintext: try first
+            try:
+                data = self._socket.receive_nowait(RECEIVE_SIZE, spin=self._spin)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ClientGone("connection reset") from exc
+            if data is not None:
+                return data
         idle = self.limits.idle_timeout
         if idle <= 0 or self._in_flight:
             idle = float("inf")

@@ -4,12 +4,14 @@
 kernel could complete them at once; at queue depth 1 those trips are a large part of a
 request's cost. Here a send or receive is tried first and awaited only on EAGAIN; a
 checkpoint every ``YIELD_EVERY`` calls keeps a busy connection from starving the others and
-lets cancellation in.
+lets cancellation in. A send that cannot progress for ``send_timeout`` seconds raises
+``trio.TooSlowError``; the timer exists only while a send is blocked.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import trio
 
@@ -22,6 +24,7 @@ class FastSocketStream(trio.abc.Stream):
         self.socket = stream.socket
         self._fd = stream.socket.fileno()
         self._calls = 0
+        self.send_timeout = float("inf")
 
     async def _maybe_yield(self) -> None:
         self._calls += 1
@@ -39,7 +42,8 @@ class FastSocketStream(trio.abc.Stream):
                 try:
                     sent += os.write(self._fd, view[sent:])
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self._fd)
+                    with trio.fail_after(self.send_timeout):
+                        await trio.lowlevel.wait_writable(self._fd)
                 except OSError as exc:
                     raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
@@ -52,6 +56,20 @@ class FastSocketStream(trio.abc.Stream):
                 return os.read(self._fd, max_bytes or 65536)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._fd)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+    def receive_nowait(self, max_bytes: int, spin: float = 0.0) -> bytes | None:
+        """What the socket holds now (b"" at EOF), or None if a receive would block."""
+        if self._fd < 0:
+            raise trio.ClosedResourceError("the connection is closed")
+        end = time.perf_counter() + spin
+        while True:
+            try:
+                return os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                if time.perf_counter() >= end:
+                    return None
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
 

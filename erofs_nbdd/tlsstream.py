@@ -14,7 +14,7 @@ import ssl
 import trio
 
 TRANSPORT_READ = 256 * 1024
-SEND_SLICE = 1024 * 1024
+SEND_SLICE = 256 * 1024
 
 
 class TLSStream(trio.abc.Stream):

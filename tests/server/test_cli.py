@@ -107,3 +107,18 @@ def test_limits_reach_the_config(tmp_path: Path) -> None:
     assert (limits.idle_timeout, limits.max_connections_per_client) == (30, 0)
     assert (limits.reply_timeout, limits.max_connection_buffer) == (5, 1 << 20)
     assert limits.max_connections == 1024  # untouched defaults stay
+
+
+def test_busy_poll_and_workers_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", str(tmp_path), "--busy-poll", "-1"]) == ExitStatus.USAGE
+    assert "--busy-poll takes 0..10000 microseconds" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--workers", "0"]) == ExitStatus.USAGE
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    from erofs_nbdd.memory import tune_malloc
+
+    assert tune_malloc() is True
