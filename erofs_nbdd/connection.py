@@ -133,7 +133,8 @@ class Connection:
         # The reply timeout lives in the socket stream, so a timer exists only while a send
         # is blocked (and covers TLS, whose records go through the same socket).
         self._socket = stream if isinstance(stream, FastSocketStream) else None
-        self._spin = config.busy_poll_us / 1e6
+        if self._socket is not None:
+            self._socket.spin = config.busy_poll_us / 1e6  # TLS reads go through it too
         if self._socket is not None and config.limits.reply_timeout > 0:
             self._socket.send_timeout = config.limits.reply_timeout
 
@@ -165,7 +166,7 @@ class Connection:
             return None
         if self._socket is not None and self.stream is self._socket:  # plaintext: try first
             try:
-                data = self._socket.receive_nowait(RECEIVE_SIZE, spin=self._spin)
+                data = self._socket.receive_nowait(RECEIVE_SIZE, self._socket.spin)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ClientGone("connection reset") from exc
             if data is not None:

@@ -25,6 +25,8 @@ class FastSocketStream(trio.abc.Stream):
         self._fd = stream.socket.fileno()
         self._calls = 0
         self.send_timeout = float("inf")
+        #: Seconds a receive keeps retrying before it sleeps in epoll (see --busy-poll).
+        self.spin = 0.0
 
     async def _maybe_yield(self) -> None:
         self._calls += 1
@@ -52,15 +54,14 @@ class FastSocketStream(trio.abc.Stream):
             raise trio.ClosedResourceError("the connection is closed")
         await self._maybe_yield()
         while True:
-            try:
-                return os.read(self._fd, max_bytes or 65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            data = self.receive_nowait(max_bytes or 65536, self.spin)
+            if data is not None:
+                return data
+            await trio.lowlevel.wait_readable(self._fd)
 
     def receive_nowait(self, max_bytes: int, spin: float = 0.0) -> bytes | None:
-        """What the socket holds now (b"" at EOF), or None if a receive would block."""
+        """What the socket holds now (b"" at EOF), or None if a receive would block even
+        after retrying for ``spin`` seconds."""
         if self._fd < 0:
             raise trio.ClosedResourceError("the connection is closed")
         end = time.perf_counter() + spin

@@ -24,7 +24,7 @@ import trio
 from . import devices, netlink
 from .bridge import bridge_in_process
 from .connect import check_erofs, open_connections, socket_of
-from .errors import AttachError
+from .errors import AttachError, ExitStatus
 from .target import Target
 
 log = logging.getLogger("erofs_nbd_client.supervisor")
@@ -119,7 +119,16 @@ class Supervisor:
             try:
                 identity = await check_erofs(conns[0])
             except AttachError as exc:
-                identity = f"unreadable ({exc})"
+                if exc.status is ExitStatus.NOT_EROFS:
+                    identity = "not EROFS"  # certainly not our image: refused below
+                else:
+                    # A failed read is no proof of another image (the server may be
+                    # starting): not reconnected now, retried like a refused connection.
+                    log.warning(
+                        "/dev/nbd%d: cannot check the image %s serves: %s; will retry",
+                        self.index, target.describe(), exc,
+                    )  # fmt: skip
+                    return False
             if identity != record.identity:
                 self.state = "refusing"
                 self.publish(refused=target.describe())
