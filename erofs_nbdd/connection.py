@@ -1,15 +1,13 @@
-"""One client connection: the handshake, then the transmission loop.
+"""One client connection: the handshake, then the transmission phase (``transmit.py``).
 
-Policy lives here (which export, which limits); the protocol machines decide what is legal.
-Cached reads are answered inline and batched into one write; reads that would block go to
-worker threads, bounded per connection so a client cannot queue unbounded work.
+Policy lives here (which export, which limits, TLS); the protocol machines decide what is
+legal. The connection owns the stream: sends, receives that a shutdown may cancel, and the
+idle and reply timeouts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -17,43 +15,36 @@ import trio
 from .backends import Backend, FileBackend
 from .budget import ByteBudget
 from .faststream import FastSocketStream
+from .outcome import ClientGone, LimitExceeded, Refused, Stats
 from .protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
-    Cmd,
-    CmdFlag,
-    Errno,
-    ExportLimits,
     Info,
     Opt,
     Rep,
     ServerHandshake,
-    ServerTransmission,
     State,
     TransmissionFlag,
-    check_request,
 )
 from .protocol.events import (
     AbortOption,
     ClientFlags,
-    Disconnect,
     ExportNameOption,
     InfoOption,
     InvalidOption,
     ListOption,
     MetaContextOption,
     OptionEvent,
-    Request,
     StartTLSOption,
     StructuredReplyOption,
     UnsupportedOption,
 )
 from .tls import TLSMode, peer_common_name, peer_subject
 from .tlsstream import TLSStream
+from .transmit import CONTEXT_ID, Transmitter
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from .config import ServerConfig
     from .exports import Export, ExportDirectory
@@ -61,42 +52,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("erofs_nbdd.connection")
 
 RECEIVE_SIZE = 256 * 1024
-#: Replies are gathered up to this many bytes before one write.
-BATCH_BYTES = 256 * 1024
-#: Reads up to this size may be answered inline from the page cache; bigger ones take the
-#: budgeted path, so a connection holds at most BATCH_BYTES + INLINE_MAX outside the budgets.
-INLINE_MAX = 1024 * 1024
 BASE_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
     | TransmissionFlag.CAN_MULTI_CONN
     | TransmissionFlag.SEND_CACHE
 )
-#: The one meta context we serve, and its id after SET_META_CONTEXT.
-CONTEXT_ID = 1
-
-
-class ClientGone(Exception):
-    """The client closed or reset the connection."""
-
-
-class LimitExceeded(Exception):
-    """The client broke a server limit; it is disconnected and the limit logged."""
-
-
-class Refused(Exception):
-    """The client was turned away (TLS failed or was skipped); worth a warning."""
-
-
-@dataclass
-class Stats:
-    export: str = "-"
-    requests: int = 0
-    bytes_read: int = 0
-    errors: int = 0
-    tls: str = "-"
-    client: str = "-"
-    ended: str = "closed"
 
 
 class Connection:
@@ -128,8 +89,7 @@ class Connection:
         self._options = 0
         self._option_budget = config.limits.max_options
         self._server_budget = server_budget or ByteBudget(config.limits.max_server_buffer)
-        self._budget = ByteBudget(config.limits.max_connection_buffer)
-        self._in_flight = 0
+        self._tx: Transmitter | None = None
         # The reply timeout lives in the socket stream, so a timer exists only while a send
         # is blocked (and covers TLS, whose records go through the same socket).
         self._socket = stream if isinstance(stream, FastSocketStream) else None
@@ -172,7 +132,7 @@ class Connection:
             if data is not None:
                 return data
         idle = self.limits.idle_timeout
-        if idle <= 0 or self._in_flight:
+        if idle <= 0 or (self._tx is not None and self._tx.in_flight):
             idle = float("inf")
         with trio.CancelScope() as scope:
             self._receive_scope = scope
@@ -388,167 +348,20 @@ class Connection:
 
     async def _transmit(self) -> None:
         assert self._backend is not None
-        backend = self._backend
-        negotiated = self.handshake.negotiated
-        tx = ServerTransmission(negotiated, max_write_payload=self.limits.max_payload)
-        tx.receive_data(self.handshake.trailing_data)
-        limits = ExportLimits(
-            size=backend.get_size(),
+        self._tx = Transmitter(
+            backend=self._backend,
+            negotiated=self.handshake.negotiated,
+            trailing=self.handshake.trailing_data,
             flags=self._flags(),
-            min_block=512,
-            max_payload=self.limits.max_payload,
+            limits=self.limits,
+            server_budget=self._server_budget,
+            stats=self.stats,
+            peer=self.peer,
+            verbose=self.config.verbose,
+            send=self._send,
+            receive=self._receive_requests,
         )
-        batch = _Batch(self._send)
-        slots = trio.Semaphore(self.limits.max_in_flight)
         try:
-            async with _one_error(), trio.open_nursery() as nursery:
-                while (req := await self._next_request(tx, batch)) is not None:
-                    self.stats.requests += 1
-                    if self.config.verbose:
-                        log.debug("%s: %s", self.peer, req)
-                    error, message = check_request(req, limits, negotiated)
-                    if error is not Errno.OK:
-                        self.stats.errors += 1
-                        batch.add(tx.error_reply(req.cookie, error, message))
-                    elif (
-                        req.cmd == Cmd.READ
-                        and req.length <= INLINE_MAX
-                        and (
-                            reply := backend.pread_nowait(
-                                tx.read_reply_header(req.cookie, req.offset, req.length),
-                                req.offset,
-                                req.length,
-                            )
-                        )
-                        is not None
-                    ):
-                        self.stats.bytes_read += req.length
-                        batch.add(reply)
-                    elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
-                        await self._reserve(req, slots, batch)
-                        nursery.start_soon(self._slow_request, tx, req, slots)
-                    else:  # CACHE and FLUSH: nothing to wait for
-                        if req.cmd == Cmd.CACHE:
-                            await backend.cache(req.offset, req.length)
-                        batch.add(tx.ok_reply(req.cookie))
-                    if batch.full:
-                        await batch.flush()
-                await batch.flush()
-                # leaving the nursery waits for the requests still in flight (DISC rules)
+            await self._tx.run()
         finally:
-            backend.close()
-
-    async def _next_request(self, tx: ServerTransmission, batch: _Batch) -> Request | None:
-        """The next request; None once the client disconnects or the server stops."""
-        while (event := tx.next_event()) is NEED_DATA:
-            await batch.flush()  # about to wait for the client: send what is ready first
-            data = await self._receive_requests()
-            if data is None:
-                return None  # server shutdown: answer what is in flight, then close
-            if not data:
-                self.stats.ended = "client closed without NBD_CMD_DISC"
-                return None
-            tx.receive_data(data)
-        if isinstance(event, Disconnect):
-            self.stats.ended = "disconnect"
-            return None
-        return event
-
-    async def _reserve(self, req: Request, slots: trio.Semaphore, batch: _Batch) -> None:
-        """A request slot and the reply's bytes in both budgets. While any is short, flush
-        what is ready and stop reading requests: that is the backpressure."""
-        size = req.length if req.cmd == Cmd.READ else 0
-        try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            await batch.flush()
-            await slots.acquire()
-        for budget in (self._budget, self._server_budget):
-            if not budget.try_acquire(size):
-                await batch.flush()
-                await budget.acquire(size)
-        self._in_flight += 1
-
-    async def _slow_request(
-        self, tx: ServerTransmission, req: Request, slots: trio.Semaphore
-    ) -> None:
-        size = req.length if req.cmd == Cmd.READ else 0
-        try:
-            assert self._backend is not None
-            reply: bytes | bytearray
-            try:
-                if req.cmd == Cmd.READ:
-                    head = tx.read_reply_header(req.cookie, req.offset, req.length)
-                    reply = await self._backend.pread(head, req.offset, req.length)
-                    self.stats.bytes_read += req.length
-                else:
-                    extents = await self._backend.extents(req.offset, req.length)
-                    extents = _clip_extents(extents, req)
-                    reply = tx.block_status_reply(req.cookie, [(CONTEXT_ID, extents)])
-            except OSError as exc:
-                # Read everything before any header goes out, so a failure is a clean EIO.
-                log.warning("%s: %s failed at %d: %s", self.peer, req.name, req.offset, exc)
-                self.stats.errors += 1
-                reply = tx.error_reply(req.cookie, Errno.EIO, f"read failed: {exc.strerror}")
-            await self._send(reply)
-        finally:
-            self._in_flight -= 1
-            self._budget.release(size)
-            self._server_budget.release(size)
-            slots.release()
-
-
-@contextlib.asynccontextmanager
-async def _one_error() -> AsyncIterator[None]:
-    """A nursery reports a failure as a group; the server's handler wants the failure itself
-    (a client gone mid-reply is routine, not an internal error)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        first = next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
-        raise first from None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
-    return [exc]
-
-
-class _Batch:
-    """Replies gathered into one write: at high queue depth, one syscall answers many."""
-
-    def __init__(self, send: Callable[[bytes | bytearray], Awaitable[None]]) -> None:
-        self._send = send
-        self._parts: list[bytes | bytearray] = []
-        self._size = 0
-
-    def add(self, *parts: bytes | bytearray) -> None:
-        self._parts.extend(parts)
-        self._size += sum(len(p) for p in parts) + 1
-
-    @property
-    def full(self) -> bool:
-        return self._size >= BATCH_BYTES
-
-    async def flush(self) -> None:
-        if self._parts:
-            data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-            self._parts, self._size = [], 0
-            await self._send(data)
-
-
-def _clip_extents(extents: list[tuple[int, int]], req: Request) -> list[tuple[int, int]]:
-    """Honour REQ_ONE, and never report more than was asked."""
-    out = []
-    left = req.length
-    for length, flags in extents:
-        if left <= 0:
-            break
-        take = min(length, left)
-        out.append((take, flags))
-        left -= take
-        if req.flags & CmdFlag.REQ_ONE:
-            break
-    return out or [(req.length, 0)]
+            self._backend.close()

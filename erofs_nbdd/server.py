@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from .budget import ByteBudget
-from .connection import ClientGone, Connection, LimitExceeded, Refused
+from .connection import Connection
 from .exports import ExportDirectory
 from .faststream import FastSocketStream
 from .listen import bind, close_all, describe, parse_listen
+from .outcome import ClientGone, LimitExceeded, Refused
 from .protocol import ProtocolError
 from .tls import TLSMode, server_context
 
