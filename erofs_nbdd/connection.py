@@ -95,8 +95,8 @@ class Connection:
         self._socket = stream if isinstance(stream, FastSocketStream) else None
         if self._socket is not None:
             self._socket.spin = config.busy_poll_us / 1e6  # TLS reads go through it too
-        if self._socket is not None and config.limits.reply_timeout > 0:
-            self._socket.send_timeout = config.limits.reply_timeout
+            if config.limits.reply_timeout > 0:
+                self._socket.send_timeout = config.limits.reply_timeout
 
     # -- I/O helpers ---------------------------------------------------------------------
 

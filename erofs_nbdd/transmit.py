@@ -87,7 +87,7 @@ class Transmitter:
         batch = _Batch(self._send)
         slots = trio.Semaphore(self.limits.max_in_flight)
         async with _one_error(), trio.open_nursery() as nursery:
-            while (req := await self._next_request(tx, batch)) is not None:
+            while (req := await self._next_request(batch)) is not None:
                 self.stats.requests += 1
                 if self.verbose:
                     log.debug("%s: %s", self.peer, req)
@@ -111,7 +111,7 @@ class Transmitter:
                     batch.add(reply)
                 elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
                     await self._reserve(req, slots, batch)
-                    nursery.start_soon(self._slow_request, tx, req, slots)
+                    nursery.start_soon(self._slow_request, req, slots)
                 else:  # CACHE and FLUSH: nothing to wait for
                     if req.cmd == Cmd.CACHE:
                         await backend.cache(req.offset, req.length)
@@ -121,8 +121,9 @@ class Transmitter:
             await batch.flush()
             # leaving the nursery waits for the requests still in flight (DISC rules)
 
-    async def _next_request(self, tx: ServerTransmission, batch: _Batch) -> Request | None:
+    async def _next_request(self, batch: _Batch) -> Request | None:
         """The next request; None once the client disconnects or the server stops."""
+        tx = self._tx
         while (event := tx.next_event()) is NEED_DATA:
             await batch.flush()  # about to wait for the client: send what is ready first
             data = await self._receive()
@@ -152,9 +153,8 @@ class Transmitter:
                 await budget.acquire(size)
         self.in_flight += 1
 
-    async def _slow_request(
-        self, tx: ServerTransmission, req: Request, slots: trio.Semaphore
-    ) -> None:
+    async def _slow_request(self, req: Request, slots: trio.Semaphore) -> None:
+        tx = self._tx
         size = req.length if req.cmd == Cmd.READ else 0
         try:
             reply: bytes | bytearray
