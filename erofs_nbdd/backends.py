@@ -8,6 +8,7 @@ from typing import Protocol
 
 import trio
 
+from .pagecache import PageCache
 from .protocol import StateFlag
 
 
@@ -21,6 +22,11 @@ class Backend(Protocol):
     def pread_nowait(self, head: bytes, offset: int, length: int) -> bytearray | None:
         """``head`` followed by the bytes, if they can be had without blocking (page
         cache), else None."""
+        ...
+
+    def file_nowait(self, offset: int, length: int) -> int | None:
+        """A file descriptor whose bytes at ``offset`` are the export's, if they are all in
+        the page cache, so ``os.sendfile`` can send them without blocking; else None."""
         ...
 
     async def pread(self, head: bytes, offset: int, length: int) -> bytearray:
@@ -45,6 +51,7 @@ class FileBackend:
         self._size = os.fstat(self._fd).st_size
         self._block = (512, preferred_block, max_payload)
         self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._cache = PageCache(self._fd, self._size)
 
     def get_size(self) -> int:
         return self._size
@@ -69,6 +76,9 @@ class FileBackend:
                 return None
             raise
         return buf if n == length else None
+
+    def file_nowait(self, offset: int, length: int) -> int | None:
+        return self._fd if self._cache.resident(offset, length) else None
 
     def _pread_all(self, head: bytes, offset: int, length: int) -> bytearray:
         buf = bytearray(len(head) + length)
@@ -112,6 +122,7 @@ class FileBackend:
         return out
 
     def close(self) -> None:
+        self._cache.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

