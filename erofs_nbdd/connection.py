@@ -14,7 +14,7 @@ import trio
 
 from .backends import Backend, FileBackend
 from .budget import ByteBudget
-from .faststream import FastSocketStream, SourceFailed
+from .faststream import FastLock, FastSocketStream, SourceFailed
 from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused, Stats
 from .protocol import (
     BASE_ALLOCATION,
@@ -83,7 +83,7 @@ class Connection:
         self._handshake_scope = trio.CancelScope()
         self._receive_scope: trio.CancelScope | None = None
         self._stopping = False
-        self._send_lock = trio.Lock()
+        self._send_lock = FastLock()
         self._backend: Backend | None = None
         self._export: Export | None = None
         self._options = 0

@@ -28,6 +28,30 @@ class SourceFailed(Exception):
     out: the reply cannot be finished, so the connection must close."""
 
 
+class FastLock:
+    """A ``trio.Lock`` whose uncontended acquire does not pass through the scheduler.
+
+    ``trio.Lock`` checkpoints on every acquire, a full scheduler round (with an epoll poll)
+    per reply sent; a profile of TLS reads put 9 % of the server's time there. The streams
+    here checkpoint on their own schedule, so the lock need not.
+    """
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 class FastSocketStream(trio.abc.Stream):
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream

@@ -13,6 +13,8 @@ import ssl
 
 import trio
 
+from .faststream import FastLock
+
 TRANSPORT_READ = 256 * 1024
 SEND_SLICE = 256 * 1024
 
@@ -32,8 +34,8 @@ class TLSStream(trio.abc.Stream):
         self._obj = context.wrap_bio(
             self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
-        self._send_lock = trio.Lock()  # both directions may need to write records
-        self._receive_guard = trio.Lock()
+        self._send_lock = FastLock()  # both directions may need to write records
+        self._receive_guard = FastLock()
         self._eof = False
 
     def version(self) -> str | None:
