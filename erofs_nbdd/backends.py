@@ -61,21 +61,25 @@ class FileBackend:
 
     def pread_nowait(self, head: bytes, offset: int, length: int) -> bytearray | None:
         # RWF_NOWAIT returns at once with what the page cache holds: a hit costs about a
-        # microsecond, where a thread round-trip costs tens. A miss goes to pread().
-        if not self._nowait:
-            return None
+        # microsecond, where a thread round-trip costs tens. But it also refuses cached
+        # pages that carry a readahead mark, which sequential reads meet all the time; for
+        # those, mincore tells whether a plain pread would block. A real miss goes to pread().
         buf = bytearray(len(head) + length)
         buf[: len(head)] = head
-        try:
-            n = os.preadv(self._fd, [memoryview(buf)[len(head) :]], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: this file system cannot
+        view = memoryview(buf)[len(head) :]
+        if self._nowait:
+            try:
+                if os.preadv(self._fd, [view], offset, os.RWF_NOWAIT) == length:
+                    return buf
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: this file system cannot
+                    raise
                 self._nowait = False
-                return None
-            raise
-        return buf if n == length else None
+        if self._cache.resident(offset, length) and os.preadv(self._fd, [view], offset) == length:
+            return buf
+        return None
 
     def file_nowait(self, offset: int, length: int) -> int | None:
         return self._fd if self._cache.resident(offset, length) else None

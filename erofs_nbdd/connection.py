@@ -270,7 +270,7 @@ class Connection:
             raise Refused(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
         cert = stream.getpeercert()
         self._client_name = peer_common_name(cert)
-        self.stats.tls = str(stream.version())
+        self.stats.tls = f"{stream.version()}/{stream.cipher()}"
         self.stats.client = peer_subject(cert) or "-"
 
     def _flags(self) -> int:

@@ -41,6 +41,11 @@ class TLSStream(trio.abc.Stream):
     def version(self) -> str | None:
         return self._obj.version()
 
+    def cipher(self) -> str | None:
+        """The cipher suite negotiated, e.g. TLS_AES_256_GCM_SHA384."""
+        found = self._obj.cipher()
+        return found[0] if found else None
+
     def getpeercert(self) -> dict[str, object] | None:
         return self._obj.getpeercert()  # type: ignore[return-value]
 

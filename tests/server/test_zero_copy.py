@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import Session, negotiate
+from erofs_nbdd.backends import FileBackend
 from erofs_nbdd.faststream import FastSocketStream, SourceFailed
 from erofs_nbdd.pagecache import PAGE, PageCache
 from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
@@ -185,3 +186,27 @@ async def test_an_image_that_ends_under_a_reply_fails_the_send() -> None:
     assert b.recv(1 << 20) == b"HEAD" + b"x" * 10000
     await stream.aclose()
     b.close()
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_cached_reads_are_answered_without_a_thread_and_misses_are_not(
+    tmp_path: Path, nowait: bool
+) -> None:
+    """RWF_NOWAIT first where the file system has it; mincore alone where it has not (or
+    where a readahead mark makes RWF_NOWAIT refuse cached pages)."""
+    path = tmp_path / "img"
+    data = os.urandom(256 * PAGE)
+    path.write_bytes(data)
+    backend = FileBackend(path, preferred_block=4096, max_payload=32 << 20)
+    try:
+        backend._nowait = nowait  # as on a file system without RWF_NOWAIT
+        _evict(path)
+        assert backend.pread_nowait(b"HEAD", 0, 64 * PAGE) is None  # would block: a thread's
+        assert backend.file_nowait(0, 64 * PAGE) is None
+        os.pread(backend._fd, 128 * PAGE, 0)
+        got = backend.pread_nowait(b"HEAD", 4096, 64 * PAGE)
+        assert got is not None
+        assert bytes(got) == b"HEAD" + data[4096 : 4096 + 64 * PAGE]
+        assert backend.file_nowait(4096, 64 * PAGE) is not None
+    finally:
+        backend.close()
