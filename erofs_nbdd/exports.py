@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pagecache import can_see
+
 log = logging.getLogger(__name__)
 
 EROFS_MAGIC = 0xE0F5E1E2
@@ -180,6 +182,13 @@ class ExportDirectory:
                 log.warning("%s: not served: %s", relative, exc.strerror or exc)
                 return None
             self._cache[key] = cached
+            if not isinstance(cached, str) and not can_see(real):
+                log.info(
+                    "%s: owned by uid %d and not writable here, so Linux hides its page cache "
+                    "from this server: its reads are copied, not sent from the page cache "
+                    "(chown it to uid %d for zero-copy reads)",
+                    relative, st.st_uid, os.geteuid(),
+                )  # fmt: skip
         if isinstance(cached, str):
             return None
         name = export_name(relative)

@@ -13,7 +13,6 @@ asks and answers "not resident", and the caller reads in a thread as before.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 
@@ -23,11 +22,8 @@ _LOW_BIT = bytes(i & 1 for i in range(256))
 
 
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's included
         lib.mmap.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
             ctypes.c_long,
@@ -46,12 +42,14 @@ _LIBC = _libc()
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def can_see(fd: int) -> bool:
-    """Whether mincore will report this file's page cache to us (see the module doc)."""
-    if os.fstat(fd).st_uid == os.geteuid():
+def can_see(file: int | str | os.PathLike[str]) -> bool:
+    """Whether mincore will report this file's (a descriptor's or a path's) page cache to
+    us: we own it or may write it (see the module doc)."""
+    if os.stat(file).st_uid == os.geteuid():
         return True
+    target = f"/proc/self/fd/{file}" if isinstance(file, int) else file
     effective = os.access in os.supports_effective_ids  # the kernel checks the fsuid
-    return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=effective)
+    return os.access(target, os.W_OK, effective_ids=effective)
 
 
 class PageCache:

@@ -115,10 +115,14 @@ class TLSStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # Encrypt in slices: a 32 MiB reply must not become 32 MiB more of ciphertext at once.
+        # Slices are evened out, so a reply of 256 KiB + its 16-byte header is one slice and
+        # one write, not a second write carrying a 16-byte record.
         view = memoryview(data)
-        for start in range(0, max(1, len(view)), SEND_SLICE):
+        slices = max(1, round(len(view) / SEND_SLICE))
+        step = -(-len(view) // slices) or 1
+        for start in range(0, max(1, len(view)), step):
             try:
-                self._obj.write(view[start : start + SEND_SLICE])
+                self._obj.write(view[start : start + step])
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             await self._flush()

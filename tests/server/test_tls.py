@@ -284,3 +284,52 @@ def test_tls_settings_that_cannot_work(pki: PKI, tmp_path: Path) -> None:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.num_tickets == 0
     assert ctx.options & ssl.OP_NO_TICKET
+
+
+class _CountingStream(trio.abc.Stream):
+    """A transport that remembers the size of every write."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(len(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_tls_replies_are_encrypted_in_even_slices(pki: PKI) -> None:
+    """A 256 KiB read reply plus its header is one slice and one write, not a second write
+    carrying a 16-byte record; a 1 MiB reply is four."""
+    from erofs_nbdd.tlsstream import SEND_SLICE, TLSStream
+
+    a, b = trio.testing.memory_stream_pair()
+    counted = _CountingStream(a)
+    server = TLSStream(counted, server_context(pki.server_dir), server_side=True)
+    client = TLSStream(b, client_context(pki.alice), server_hostname="localhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    for size, writes in [(16, 1), (SEND_SLICE + 16, 1), (4 * SEND_SLICE + 16, 4), (400_000, 2)]:
+        counted.writes.clear()
+        got = bytearray()
+
+        async def receive(size: int = size, got: bytearray = got) -> None:
+            with trio.fail_after(10):
+                while len(got) < size:
+                    got += await client.receive_some()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await server.send_all(bytes(range(256)) * (size // 256) + bytes(size % 256))
+        assert len(got) == size
+        assert len(counted.writes) == writes, (size, counted.writes)

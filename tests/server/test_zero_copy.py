@@ -3,9 +3,12 @@ cannot be: evicted pages, TLS, an image that shrinks under a reply."""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -13,6 +16,7 @@ import trio
 
 from erofs_nbd_client.negotiate import Session, negotiate
 from erofs_nbdd.backends import FileBackend
+from erofs_nbdd.exports import ExportDirectory
 from erofs_nbdd.faststream import FastSocketStream, SourceFailed
 from erofs_nbdd.pagecache import PAGE, PageCache
 from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
@@ -22,8 +26,6 @@ from ..conftest import mkfs
 from .helpers import start_server
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from .conftest import Connect
 
 
@@ -210,3 +212,29 @@ def test_cached_reads_are_answered_without_a_thread_and_misses_are_not(
         assert backend.file_nowait(4096, 64 * PAGE) is not None
     finally:
         backend.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_an_image_whose_cache_is_hidden_is_named_in_the_log(
+    images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="erofs-nbdd-hidden-"))
+    try:
+        root.chmod(0o755)
+        shutil.copy(images / "demo.erofs", root / "mine.erofs")
+        shutil.copy(images / "demo.erofs", root / "theirs.erofs")
+        os.chown(root / "mine.erofs", 65534, 65534)
+        (root / "theirs.erofs").chmod(0o644)  # root's, readable by all
+        caplog.set_level(logging.INFO, logger="erofs_nbdd")
+        os.seteuid(65534)
+        try:
+            exports = ExportDirectory(root).scan()
+        finally:
+            os.seteuid(0)
+        assert sorted(exports) == ["mine", "theirs"]  # both served either way
+        hints = [r.getMessage() for r in caplog.records if "hides its page cache" in r.message]
+        assert len(hints) == 1
+        assert hints[0].startswith("theirs.erofs: owned by uid 0 and not writable here")
+        assert "chown it to uid 65534" in hints[0]
+    finally:
+        shutil.rmtree(root)
