@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only clients with a certificate signed by ca-cert.pem get in",
     )  # fmt: skip
     t.add_argument(
+        "--tls-kernel", choices=["auto", "off"], default="auto",
+        help="auto: the kernel encrypts replies when it can (the tls module is loaded), so "
+        "large reads go out by sendfile; off: always encrypt in this process",
+    )  # fmt: skip
+    t.add_argument(
         "--tls-allow", action="append", default=[], metavar="EXPORT=CN[,CN...]",
         help="only these client certificate names may use EXPORT (a name or a pattern such as "
         "team/*); repeatable; needs --tls-verify-peer",
@@ -153,6 +158,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         cert_dir=args.tls_certificates,
         verify_peer=args.tls_verify_peer,
         allow=tuple(parse_allow(a) for a in args.tls_allow),
+        kernel=args.tls_kernel == "auto",
     )
     tls.check()
     return ServerConfig(

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import ktls
 from .backends import Backend, FileBackend
 from .budget import ByteBudget
 from .faststream import FastLock, FastSocketStream, SourceFailed
+from .ktls import KernelTLSStream
 from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused, Stats
 from .protocol import (
     BASE_ALLOCATION,
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("erofs_nbdd.connection")
 
 RECEIVE_SIZE = 256 * 1024
+#: Streams that take a reply's data as a file range (``send_file``).
+FILE_STREAMS = (FastSocketStream, TLSStream, KernelTLSStream)
 BASE_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
@@ -101,15 +105,15 @@ class Connection:
     # -- I/O helpers ---------------------------------------------------------------------
 
     async def _send(self, data: bytes | bytearray, file: FileRange | None = None) -> None:
-        """``data``, then the bytes of ``file`` straight from the page cache if given (only
-        on plaintext: ``Transmitter.zero_copy``)."""
+        """``data``, then the bytes of ``file`` if given (``Transmitter.send_files``): from
+        the page cache by the kernel, or a slice at a time through TLS in this process."""
         async with self._send_lock:
             try:
                 if file is None:
                     await self.stream.send_all(data)
                 else:
-                    assert self._socket is not None
-                    await self._socket.send_file(data, *file)
+                    assert isinstance(self.stream, FILE_STREAMS)
+                    await self.stream.send_file(data, *file)
             except SourceFailed as exc:
                 raise ImageFailed(str(exc)) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -262,7 +266,14 @@ class Connection:
             return
         await self._send(hs.send_ack())
         hs.start_tls()  # plaintext that came after STARTTLS is an injection: dropped here
-        stream = TLSStream(self.stream, self.ssl_context, server_side=True)
+        stream: TLSStream | KernelTLSStream = TLSStream(
+            self.stream, self.ssl_context, server_side=True
+        )
+        if ktls.enabled(self.ssl_context) and self._socket is not None:
+            try:
+                stream = KernelTLSStream(self._socket, self.ssl_context)
+            except OSError as exc:  # no descriptor to spare: TLS in this process, as before
+                log.warning("%s: kernel TLS not used: %s", self.peer, exc)
         self.stream = stream
         try:
             await stream.do_handshake()
@@ -270,7 +281,8 @@ class Connection:
             raise Refused(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
         cert = stream.getpeercert()
         self._client_name = peer_common_name(cert)
-        self.stats.tls = f"{stream.version()}/{stream.cipher()}"
+        kernel = "+ktls" if isinstance(stream, KernelTLSStream) and stream.kernel else ""
+        self.stats.tls = f"{stream.version()}/{stream.cipher()}{kernel}"
         self.stats.client = peer_subject(cert) or "-"
 
     def _flags(self) -> int:
@@ -368,7 +380,7 @@ class Connection:
             verbose=self.config.verbose,
             send=self._send,
             receive=self._receive_requests,
-            zero_copy=self._socket is not None and self.stream is self._socket,
+            send_files=isinstance(self.stream, FILE_STREAMS),
         )
         try:
             await self._tx.run()

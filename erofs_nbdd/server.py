@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import ktls
 from .budget import ByteBudget
 from .connection import Connection
 from .exports import ExportDirectory
@@ -80,6 +81,8 @@ class Server:
             self.ssl_context = server_context(
                 config.tls.cert_dir, verify_peer=config.tls.verify_peer
             )
+            if config.tls.kernel and ktls.available():
+                ktls.enable(self.ssl_context)
         self._accepting = trio.CancelScope()
         self._grace = trio.CancelScope()
         self._next_id = 0
@@ -106,8 +109,12 @@ class Server:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         addresses = [describe(s) for s in sockets]
         log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
-        files = raise_file_limit(config.limits.max_connections + 64)
-        if files < config.limits.max_connections + 64:
+        self._log_tls()
+        # per connection: its socket, its image, and with kernel TLS a duplicate socket
+        per = 3 if self.ssl_context is not None and ktls.enabled(self.ssl_context) else 2
+        wanted = per * config.limits.max_connections + 64
+        files = raise_file_limit(wanted)
+        if files < wanted:
             log.warning(
                 "only %d file descriptors (ulimit -n); --max-connections %d may not be reached",
                 files, config.limits.max_connections,
@@ -122,6 +129,17 @@ class Server:
                 if self.connections:
                     log.info("stopped accepting; %d connection(s) finishing", len(self.connections))
         log.info("server stopped")
+
+    def _log_tls(self) -> None:
+        if self.ssl_context is None:
+            return
+        if ktls.enabled(self.ssl_context):
+            log.info("kernel TLS: the kernel encrypts replies; large reads go out by sendfile")
+        elif self.config.tls.kernel:
+            log.info(
+                "kernel TLS unavailable (no tls module: `modprobe tls` as root, or a kernel "
+                "without CONFIG_TLS): replies are encrypted in this process"
+            )
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
@@ -187,9 +205,13 @@ class Server:
             else:
                 del self._per_client[host]
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(1):
-                    await conn.stream.aclose()  # over TLS this sends close_notify
-                await trio.aclose_forcefully(conn.stream)
+                try:
+                    with trio.move_on_after(1):
+                        await conn.stream.aclose()  # over TLS this sends close_notify
+                    await trio.aclose_forcefully(conn.stream)
+                except Exception:  # nor may a failure to close
+                    log.exception("%s: closing the connection failed", peer)
+                    await trio.aclose_forcefully(stream)
             s = conn.stats
             log.log(
                 level,

@@ -133,6 +133,8 @@ class TLSConfig:
     cert_dir: Path | None = None
     verify_peer: bool = False
     allow: tuple[AllowRule, ...] = field(default_factory=tuple)
+    #: Hand the session keys to the kernel when it can take them (see ktls.py).
+    kernel: bool = True
 
     def restricted(self, export: str) -> frozenset[str] | None:
         """The client names that may use ``export``; None when anyone may."""

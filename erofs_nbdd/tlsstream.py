@@ -9,14 +9,55 @@ ourselves also keeps every TLS record visible, which kernel TLS hand-off will ne
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
+from typing import TYPE_CHECKING
 
 import trio
 
-from .faststream import FastLock
+from .faststream import FastLock, SourceFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 TRANSPORT_READ = 256 * 1024
 SEND_SLICE = 256 * 1024
+
+
+def even_step(total: int) -> int:
+    """The size of each of the slices of about SEND_SLICE that ``total`` bytes go out in:
+    a reply of 256 KiB plus its 16-byte header is one slice, not a second one of 16 bytes."""
+    slices = max(1, round(total / SEND_SLICE))
+    return -(-total // slices) or 1
+
+
+def file_slices(head: bytes | bytearray, fd: int, offset: int, length: int) -> Iterator[memoryview]:
+    """``head`` and ``length`` bytes of file ``fd`` from ``offset``, read for encryption a
+    slice at a time into one buffer, each slice a view of it valid until the next: the
+    buffer stays in the CPU cache, and a reply-sized one is never allocated and zeroed. It
+    lives only as long as the reply: kept per connection, among short-lived replies in the
+    heap, it fragmented it (a soak's RSS grew 50 % faster). ``SourceFailed`` if the file
+    ends early or cannot be read."""
+    step = even_step(len(head) + length)
+    view = memoryview(bytearray(step))
+    filled = len(head)
+    view[:filled] = head
+    end = offset + length
+    while offset < end:
+        want = min(step - filled, end - offset)
+        try:
+            got = os.preadv(fd, [view[filled : filled + want]], offset)
+        except OSError as exc:
+            raise SourceFailed(f"reading the image at {offset} failed: {exc}") from exc
+        if not got:
+            raise SourceFailed(f"the image ended at {offset}, {end - offset} bytes early")
+        offset += got
+        filled += got
+        if filled == step or offset == end:
+            yield view[:filled]
+            filled = 0
+    if filled:  # length 0: the head alone
+        yield view[:filled]
 
 
 class TLSStream(trio.abc.Stream):
@@ -118,11 +159,20 @@ class TLSStream(trio.abc.Stream):
         # Slices are evened out, so a reply of 256 KiB + its 16-byte header is one slice and
         # one write, not a second write carrying a 16-byte record.
         view = memoryview(data)
-        slices = max(1, round(len(view) / SEND_SLICE))
-        step = -(-len(view) // slices) or 1
+        step = even_step(len(view))
         for start in range(0, max(1, len(view)), step):
             try:
                 self._obj.write(view[start : start + step])
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            await self._flush()
+
+    async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:
+        """``head``, then ``length`` bytes of file ``fd`` from ``offset`` (which the caller
+        found in the page cache), read and encrypted a slice at a time."""
+        for piece in file_slices(head, fd, offset, length):
+            try:
+                self._obj.write(piece)
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             await self._flush()

@@ -1,7 +1,8 @@
 """The transmission phase of one connection: requests in, replies out, bounded.
 
 Cached reads are answered inline: small ones copied and batched into one write, large ones
-(on plaintext) sent by the kernel straight from the page cache. Reads that would block go to
+handed to the stream as file ranges (the kernel sends them straight from the page cache on
+plaintext and kernel TLS). Reads that would block go to
 worker threads, at most ``max_in_flight`` at once and within the byte budgets of the
 connection and the server, so a client cannot queue unbounded work or pin unbounded memory.
 """
@@ -47,9 +48,10 @@ BATCH_BYTES = 256 * 1024
 #: Reads up to this size may be answered inline from the page cache; bigger ones take the
 #: budgeted path, so a connection holds at most BATCH_BYTES + INLINE_MAX outside the budgets.
 INLINE_MAX = 1024 * 1024
-#: Cached reads this big or bigger go out by sendfile, with no copy in this process (about
-#: 3x less server CPU per MiB); smaller ones are cheaper copied and batched.
-ZERO_COPY_MIN = 64 * 1024
+#: Cached reads this big or bigger go to ``send`` as a file range: the kernel sends them from
+#: the page cache (sendfile, about 3x less server CPU per MiB), or TLS in this process reads
+#: and encrypts them a slice at a time; smaller ones are cheaper copied and batched.
+FILE_REPLY_MIN = 64 * 1024
 #: The one meta context we serve, and its id after SET_META_CONTEXT.
 CONTEXT_ID = 1
 
@@ -72,7 +74,7 @@ class Transmitter:
         verbose: bool,
         send: Send,
         receive: Callable[[], Awaitable[bytes | None]],
-        zero_copy: bool = False,
+        send_files: bool = False,
     ) -> None:
         self.backend = backend
         self.negotiated = negotiated
@@ -82,8 +84,8 @@ class Transmitter:
         self.verbose = verbose
         self._send = send
         self._receive = receive
-        #: Whether ``send`` may be given a file range (plaintext; TLS must encrypt here).
-        self._zero_copy = zero_copy
+        #: Whether ``send`` may be given a file range.
+        self._send_files = send_files
         self._tx = ServerTransmission(negotiated, max_write_payload=limits.max_payload)
         self._tx.receive_data(trailing)
         self._export = ExportLimits(
@@ -110,8 +112,8 @@ class Transmitter:
                     batch.add(tx.error_reply(req.cookie, error, message))
                 elif (
                     req.cmd == Cmd.READ
-                    and self._zero_copy
-                    and req.length >= ZERO_COPY_MIN
+                    and self._send_files
+                    and req.length >= FILE_REPLY_MIN
                     and (fd := backend.file_nowait(req.offset, req.length)) is not None
                 ):
                     self.stats.bytes_read += req.length

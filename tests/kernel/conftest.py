@@ -29,6 +29,7 @@ def kernel_modules() -> None:
         pytest.fail("kernel tests run as root inside the VM: python tests/vm/vmrun.py -- ...")
     subprocess.run(["modprobe", "nbd", "nbds_max=16"], check=True)
     subprocess.run(["modprobe", "erofs"], check=True)
+    subprocess.run(["modprobe", "tls"], check=True)  # every TLS server here uses kernel TLS
     assert netlink.family_available()
 
 

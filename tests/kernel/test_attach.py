@@ -60,6 +60,7 @@ def test_attach_our_server_over_tls(
     assert row["connections"] == connections
     assert row["tls"] is True
     assert "CN=alice" in tls_server.log_text()
+    assert "+ktls" in tls_server.log_text()  # the server's replies were encrypted by the kernel
 
 
 @pytest.mark.parametrize("tls", [False, True])

@@ -20,7 +20,7 @@ from erofs_nbdd.exports import ExportDirectory
 from erofs_nbdd.faststream import FastSocketStream, SourceFailed
 from erofs_nbdd.pagecache import PAGE, PageCache
 from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
-from erofs_nbdd.transmit import ZERO_COPY_MIN
+from erofs_nbdd.transmit import FILE_REPLY_MIN
 
 from ..conftest import mkfs
 from .helpers import start_server
@@ -129,7 +129,7 @@ async def test_cached_large_reads_go_by_sendfile_and_evicted_ones_do_not(
     data = image.read_bytes()  # also puts it in the page cache
     address = await start_server(nursery, big_image)
     _, session = await negotiate(await connect(address), "big", structured=structured)
-    cases = [(0, 1 << 20), (4096, 4 << 20), (len(data) - ZERO_COPY_MIN, ZERO_COPY_MIN)]
+    cases = [(0, 1 << 20), (4096, 4 << 20), (len(data) - FILE_REPLY_MIN, FILE_REPLY_MIN)]
     for offset, length in cases:
         assert await session.pread(offset, length) == data[offset : offset + length]
     sent = sum(n for _, n in sendfile_calls)
@@ -161,7 +161,7 @@ async def test_tls_reads_are_encrypted_here_not_sent_from_the_file(
     sendfile_calls: list[tuple[int, int]],
 ) -> None:
     data = (big_image / "big.erofs").read_bytes()
-    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs, kernel=False)
     address = await start_server(nursery, big_image, tls=tls)
     ctx = client_context(made_certs / "clients" / "alice")
     _, session = await negotiate(

@@ -1,0 +1,172 @@
+"""Kernel TLS: after the handshake the kernel encrypts what the server writes to the socket.
+
+OpenSSL (3.0 here, built with kTLS) hands the session keys to the kernel when the context has
+``SSL_OP_ENABLE_KTLS`` and the socket is its own (not a memory BIO). From then on a plain
+``os.write`` on the socket sends a TLS record, and ``os.sendfile`` sends image bytes from the
+page cache encrypted by the kernel: no copy through this process and no encryption under the
+GIL, the same zero-copy path as plaintext. Receiving stays in OpenSSL (requests are small).
+
+The kernel needs the ``tls`` module (CONFIG_TLS); without it, or when the kernel refuses the
+cipher, everything goes through OpenSSL on the same socket and only speed differs. The server
+context sends no session tickets and never starts a key update (see ``tls.py``): the kernel
+would have to carry them as control records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import trio
+
+from .faststream import FastLock, FastSocketStream
+from .tlsstream import even_step, file_slices
+
+#: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
+OP_ENABLE_KTLS = 1 << 3
+SOL_TLS = 282
+TLS_TX = 1
+#: ``struct tls_crypto_info`` (version, cipher): the one size every cipher answers to.
+_CRYPTO_INFO_SIZE = 4
+_TCP_NOTSENT_LOWAT = 25
+ULP_LIST = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+
+
+def available() -> bool:
+    """Whether this kernel can take TLS sessions now (the ``tls`` module is loaded)."""
+    try:
+        return "tls" in ULP_LIST.read_text().split()
+    except OSError:
+        return False
+
+
+def enable(context: ssl.SSLContext) -> None:
+    context.options |= OP_ENABLE_KTLS
+
+
+def enabled(context: ssl.SSLContext) -> bool:
+    return bool(context.options & OP_ENABLE_KTLS)
+
+
+def sending(sock: socket.socket) -> bool:
+    """Whether the kernel encrypts what is written to ``sock`` (its TLS_TX keys are set)."""
+    try:
+        sock.getsockopt(SOL_TLS, TLS_TX, _CRYPTO_INFO_SIZE)
+    except OSError:
+        return False
+    return True
+
+
+class KernelTLSStream(trio.abc.Stream):
+    """TLS on a socket OpenSSL drives itself, so it can hand the keys to the kernel.
+
+    With the kernel encrypting, sends go straight through the plaintext stream (``send_all``,
+    ``send_file``), with its timeouts. Otherwise they go through ``SSL_write`` on the same
+    socket. Receives always go through OpenSSL, on a duplicate of the descriptor.
+    """
+
+    def __init__(self, transport: FastSocketStream, context: ssl.SSLContext) -> None:
+        self.transport = transport
+        dup = socket.socket(fileno=os.dup(transport.socket.fileno()))
+        dup.setblocking(False)
+        self._ssl = context.wrap_socket(dup, server_side=True, do_handshake_on_connect=False)
+        self._fd = self._ssl.fileno()
+        #: Whether the kernel encrypts our records (known after the handshake).
+        self.kernel = False
+        self._send_lock = FastLock()
+        self._receive_guard = FastLock()
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    def cipher(self) -> str | None:
+        found = self._ssl.cipher()
+        return found[0] if found else None
+
+    def getpeercert(self) -> dict[str, object] | None:
+        return self._ssl.getpeercert()  # type: ignore[return-value]
+
+    async def do_handshake(self) -> None:
+        while True:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self._fd)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._fd)
+            except (ssl.SSLError, OSError) as exc:
+                raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+            else:
+                break
+        self.kernel = sending(self._ssl)
+        if self.kernel:
+            # Kernel TLS (6.1) leaves the records of a sendfile cut short by EAGAIN corked in
+            # TCP, waiting for more, and waits for room without pushing them (plain TCP
+            # pushes first). trio's limit on unsent bytes (TCP_NOTSENT_LOWAT, 16 KiB) is then
+            # never met, the socket never turns writable, and the reply stalls. Without the
+            # limit, writable means room in the send buffer, as for any socket.
+            self._ssl.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 2**31 - 1)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        limit = max_bytes or 65536
+        async with self._receive_guard:
+            while True:
+                try:
+                    chunks = [self._ssl.recv(limit)]
+                    # every record already decrypted comes along without another syscall
+                    while (more := self._ssl.pending()) and (got := sum(map(len, chunks))) < limit:
+                        chunks.append(self._ssl.recv(min(more, limit - got)))
+                    return b"".join(chunks)
+                except ssl.SSLWantReadError:
+                    await trio.lowlevel.wait_readable(self._fd)
+                except ssl.SSLZeroReturnError:  # close_notify
+                    return b""
+                except ssl.SSLEOFError:  # EOF without close_notify: treat it as EOF
+                    return b""
+                except (ssl.SSLError, OSError) as exc:
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.kernel:
+            await self.transport.send_all(data)
+            return
+        view = memoryview(data)
+        step = even_step(len(view))
+        for start in range(0, len(view), step):
+            await self._write(view[start : start + step])
+
+    async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:
+        """As ``FastSocketStream.send_file``: by the kernel from the page cache when it
+        encrypts, else read here a slice at a time and sent through OpenSSL."""
+        if self.kernel:
+            await self.transport.send_file(head, fd, offset, length)
+            return
+        for piece in file_slices(head, fd, offset, length):
+            await self._write(piece)
+
+    async def _write(self, piece: memoryview) -> None:
+        async with self._send_lock:
+            sent = 0
+            while sent < len(piece):
+                try:
+                    sent += self._ssl.send(piece[sent:])
+                except ssl.SSLWantWriteError:
+                    # the retry passes the same bytes, as OpenSSL requires
+                    with trio.fail_after(self.transport.send_timeout):  # the reply timeout
+                        await trio.lowlevel.wait_writable(self._fd)
+                except (ssl.SSLError, OSError) as exc:
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """close_notify if the socket takes it at once, then close both descriptors."""
+        if self._ssl.fileno() >= 0:  # a second aclose finds it closed
+            with contextlib.suppress(ssl.SSLError, OSError):
+                self._ssl.unwrap()  # sends close_notify; the peer's is not awaited
+            self._ssl.close()
+        await self.transport.aclose()
