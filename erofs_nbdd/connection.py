@@ -266,14 +266,7 @@ class Connection:
             return
         await self._send(hs.send_ack())
         hs.start_tls()  # plaintext that came after STARTTLS is an injection: dropped here
-        stream: TLSStream | KernelTLSStream = TLSStream(
-            self.stream, self.ssl_context, server_side=True
-        )
-        if ktls.enabled(self.ssl_context) and self._socket is not None:
-            try:
-                stream = KernelTLSStream(self._socket, self.ssl_context)
-            except OSError as exc:  # no descriptor to spare: TLS in this process, as before
-                log.warning("%s: kernel TLS not used: %s", self.peer, exc)
+        stream = self._tls_stream(self.ssl_context)
         self.stream = stream
         try:
             await stream.do_handshake()
@@ -281,9 +274,18 @@ class Connection:
             raise Refused(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
         cert = stream.getpeercert()
         self._client_name = peer_common_name(cert)
-        kernel = "+ktls" if isinstance(stream, KernelTLSStream) and stream.kernel else ""
-        self.stats.tls = f"{stream.version()}/{stream.cipher()}{kernel}"
+        self.stats.tls = stream.describe()
         self.stats.client = peer_subject(cert) or "-"
+
+    def _tls_stream(self, context: ssl.SSLContext) -> TLSStream | KernelTLSStream:
+        """OpenSSL on the socket itself where the kernel may take the keys, else on a
+        memory BIO (see ktls.py)."""
+        if ktls.enabled(context) and self._socket is not None:
+            try:
+                return KernelTLSStream(self._socket, context)
+            except OSError as exc:  # no descriptor to spare: TLS in this process, as before
+                log.warning("%s: kernel TLS not used: %s", self.peer, exc)
+        return TLSStream(self.stream, context, server_side=True)
 
     def _flags(self) -> int:
         flags = BASE_FLAGS

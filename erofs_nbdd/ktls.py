@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from .faststream import FastLock, FastSocketStream
-from .tlsstream import even_step, file_slices
+from .tlsstream import TLSSession, even_step, file_slices
 
 #: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
 OP_ENABLE_KTLS = 1 << 3
@@ -60,7 +60,7 @@ def sending(sock: socket.socket) -> bool:
     return True
 
 
-class KernelTLSStream(trio.abc.Stream):
+class KernelTLSStream(TLSSession, trio.abc.Stream):
     """TLS on a socket OpenSSL drives itself, so it can hand the keys to the kernel.
 
     With the kernel encrypting, sends go straight through the plaintext stream (``send_all``,
@@ -72,27 +72,22 @@ class KernelTLSStream(trio.abc.Stream):
         self.transport = transport
         dup = socket.socket(fileno=os.dup(transport.socket.fileno()))
         dup.setblocking(False)
-        self._ssl = context.wrap_socket(dup, server_side=True, do_handshake_on_connect=False)
-        self._fd = self._ssl.fileno()
+        self._session: ssl.SSLSocket = context.wrap_socket(
+            dup, server_side=True, do_handshake_on_connect=False
+        )
+        self._fd = self._session.fileno()
         #: Whether the kernel encrypts our records (known after the handshake).
         self.kernel = False
         self._send_lock = FastLock()
         self._receive_guard = FastLock()
 
-    def version(self) -> str | None:
-        return self._ssl.version()
-
-    def cipher(self) -> str | None:
-        found = self._ssl.cipher()
-        return found[0] if found else None
-
-    def getpeercert(self) -> dict[str, object] | None:
-        return self._ssl.getpeercert()  # type: ignore[return-value]
+    def describe(self) -> str:
+        return super().describe() + ("+ktls" if self.kernel else "")
 
     async def do_handshake(self) -> None:
         while True:
             try:
-                self._ssl.do_handshake()
+                self._session.do_handshake()
             except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self._fd)
             except ssl.SSLWantWriteError:
@@ -101,25 +96,25 @@ class KernelTLSStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
             else:
                 break
-        self.kernel = sending(self._ssl)
+        self.kernel = sending(self._session)
         if self.kernel:
             # Kernel TLS (6.1) leaves the records of a sendfile cut short by EAGAIN corked in
             # TCP, waiting for more, and waits for room without pushing them (plain TCP
             # pushes first). trio's limit on unsent bytes (TCP_NOTSENT_LOWAT, 16 KiB) is then
             # never met, the socket never turns writable, and the reply stalls. Without the
             # limit, writable means room in the send buffer, as for any socket.
-            self._ssl.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 2**31 - 1)
+            self._session.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 2**31 - 1)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         limit = max_bytes or 65536
         async with self._receive_guard:
             while True:
                 try:
-                    chunks = [self._ssl.recv(limit)]
+                    data = self._session.recv(limit)
                     # every record already decrypted comes along without another syscall
-                    while (more := self._ssl.pending()) and (got := sum(map(len, chunks))) < limit:
-                        chunks.append(self._ssl.recv(min(more, limit - got)))
-                    return b"".join(chunks)
+                    while (more := self._session.pending()) and len(data) < limit:
+                        data += self._session.recv(min(more, limit - len(data)))
+                    return data
                 except ssl.SSLWantReadError:
                     await trio.lowlevel.wait_readable(self._fd)
                 except ssl.SSLZeroReturnError:  # close_notify
@@ -152,7 +147,7 @@ class KernelTLSStream(trio.abc.Stream):
             sent = 0
             while sent < len(piece):
                 try:
-                    sent += self._ssl.send(piece[sent:])
+                    sent += self._session.send(piece[sent:])
                 except ssl.SSLWantWriteError:
                     # the retry passes the same bytes, as OpenSSL requires
                     with trio.fail_after(self.transport.send_timeout):  # the reply timeout
@@ -165,8 +160,8 @@ class KernelTLSStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         """close_notify if the socket takes it at once, then close both descriptors."""
-        if self._ssl.fileno() >= 0:  # a second aclose finds it closed
+        if self._session.fileno() >= 0:  # a second aclose finds it closed
             with contextlib.suppress(ssl.SSLError, OSError):
-                self._ssl.unwrap()  # sends close_notify; the peer's is not awaited
-            self._ssl.close()
+                self._session.unwrap()  # sends close_notify; the peer's is not awaited
+            self._session.close()
         await self.transport.aclose()

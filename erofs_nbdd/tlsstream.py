@@ -60,7 +60,25 @@ def file_slices(head: bytes | bytearray, fd: int, offset: int, length: int) -> I
         yield view[:filled]
 
 
-class TLSStream(trio.abc.Stream):
+class TLSSession:
+    """What a TLS stream tells of its session: ``ssl.SSLObject`` (a memory BIO) and
+    ``ssl.SSLSocket`` answer alike."""
+
+    _session: ssl.SSLObject | ssl.SSLSocket
+
+    def version(self) -> str | None:
+        return self._session.version()
+
+    def getpeercert(self) -> dict[str, object] | None:
+        return self._session.getpeercert()  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        """Version and cipher suite, for the log: TLSv1.3/TLS_AES_256_GCM_SHA384."""
+        found = self._session.cipher()
+        return f"{self.version()}/{found[0] if found else None}"
+
+
+class TLSStream(TLSSession, trio.abc.Stream):
     def __init__(
         self,
         transport: trio.abc.Stream,
@@ -72,23 +90,12 @@ class TLSStream(trio.abc.Stream):
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(
+        self._session = context.wrap_bio(
             self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
         self._send_lock = FastLock()  # both directions may need to write records
         self._receive_guard = FastLock()
         self._eof = False
-
-    def version(self) -> str | None:
-        return self._obj.version()
-
-    def cipher(self) -> str | None:
-        """The cipher suite negotiated, e.g. TLS_AES_256_GCM_SHA384."""
-        found = self._obj.cipher()
-        return found[0] if found else None
-
-    def getpeercert(self) -> dict[str, object] | None:
-        return self._obj.getpeercert()  # type: ignore[return-value]
 
     async def _flush(self) -> None:
         async with self._send_lock:
@@ -107,7 +114,7 @@ class TLSStream(trio.abc.Stream):
     async def do_handshake(self) -> None:
         while True:
             try:
-                self._obj.do_handshake()
+                self._session.do_handshake()
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill():
@@ -133,7 +140,7 @@ class TLSStream(trio.abc.Stream):
                 total = 0
                 try:
                     while total < limit:
-                        chunk = self._obj.read(limit - total)
+                        chunk = self._session.read(limit - total)
                         if not chunk:
                             break
                         chunks.append(chunk)
@@ -162,7 +169,7 @@ class TLSStream(trio.abc.Stream):
         step = even_step(len(view))
         for start in range(0, max(1, len(view)), step):
             try:
-                self._obj.write(view[start : start + step])
+                self._session.write(view[start : start + step])
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             await self._flush()
@@ -172,7 +179,7 @@ class TLSStream(trio.abc.Stream):
         found in the page cache), read and encrypted a slice at a time."""
         for piece in file_slices(head, fd, offset, length):
             try:
-                self._obj.write(piece)
+                self._session.write(piece)
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             await self._flush()
@@ -182,7 +189,7 @@ class TLSStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         with contextlib.suppress(ssl.SSLError):
-            self._obj.unwrap()
+            self._session.unwrap()
         try:
             with trio.move_on_after(1):
                 await self._flush()

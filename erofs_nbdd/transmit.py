@@ -2,9 +2,9 @@
 
 Cached reads are answered inline: small ones copied and batched into one write, large ones
 handed to the stream as file ranges (the kernel sends them straight from the page cache on
-plaintext and kernel TLS). Reads that would block go to
-worker threads, at most ``max_in_flight`` at once and within the byte budgets of the
-connection and the server, so a client cannot queue unbounded work or pin unbounded memory.
+plaintext and kernel TLS). Reads that would block go to worker threads, at most
+``max_in_flight`` at once and within the byte budgets of the connection and the server, so
+a client cannot queue unbounded work or pin unbounded memory.
 """
 
 from __future__ import annotations
