@@ -6,8 +6,9 @@ OpenSSL (3.0 here, built with kTLS) hands the session keys to the kernel when th
 page cache encrypted by the kernel: no copy through this process and no encryption under the
 GIL, the same zero-copy path as plaintext. Receiving stays in OpenSSL (requests are small).
 
-The kernel needs the ``tls`` module (CONFIG_TLS); without it, or when the kernel refuses the
-cipher, everything goes through OpenSSL on the same socket and only speed differs. The server
+The kernel needs the ``tls`` module (CONFIG_TLS); without it the server keeps TLS on a memory
+BIO (``tlsstream.py``), and where the kernel refuses the cipher, OpenSSL encrypts on the same
+socket: only speed differs. The server
 context sends no session tickets and never starts a key update (see ``tls.py``): the kernel
 would have to carry them as control records.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import trio
 
 from .faststream import FastLock, FastSocketStream
-from .tlsstream import TLSSession, even_step, file_slices
+from .tlsstream import TLSSession, even_slices, file_slices
 
 #: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
 OP_ENABLE_KTLS = 1 << 3
@@ -128,10 +129,8 @@ class KernelTLSStream(TLSSession, trio.abc.Stream):
         if self.kernel:
             await self.transport.send_all(data)
             return
-        view = memoryview(data)
-        step = even_step(len(view))
-        for start in range(0, len(view), step):
-            await self._write(view[start : start + step])
+        for piece in even_slices(data):
+            await self._write(piece)
 
     async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:
         """As ``FastSocketStream.send_file``: by the kernel from the page cache when it

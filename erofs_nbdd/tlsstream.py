@@ -31,6 +31,14 @@ def even_step(total: int) -> int:
     return -(-total // slices) or 1
 
 
+def even_slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """``data`` as views in slices of ``even_step`` (one, empty, for no data)."""
+    view = memoryview(data)
+    step = even_step(len(view))
+    for start in range(0, max(1, len(view)), step):
+        yield view[start : start + step]
+
+
 def file_slices(head: bytes | bytearray, fd: int, offset: int, length: int) -> Iterator[memoryview]:
     """``head`` and ``length`` bytes of file ``fd`` from ``offset``, read for encryption a
     slice at a time into one buffer, each slice a view of it valid until the next: the
@@ -165,19 +173,16 @@ class TLSStream(TLSSession, trio.abc.Stream):
         # Encrypt in slices: a 32 MiB reply must not become 32 MiB more of ciphertext at once.
         # Slices are evened out, so a reply of 256 KiB + its 16-byte header is one slice and
         # one write, not a second write carrying a 16-byte record.
-        view = memoryview(data)
-        step = even_step(len(view))
-        for start in range(0, max(1, len(view)), step):
-            try:
-                self._session.write(view[start : start + step])
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            await self._flush()
+        await self._encrypt(even_slices(data))
 
     async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:
         """``head``, then ``length`` bytes of file ``fd`` from ``offset`` (which the caller
         found in the page cache), read and encrypted a slice at a time."""
-        for piece in file_slices(head, fd, offset, length):
+        await self._encrypt(file_slices(head, fd, offset, length))
+
+    async def _encrypt(self, pieces: Iterator[memoryview]) -> None:
+        """Each piece encrypted and sent before the next is taken."""
+        for piece in pieces:
             try:
                 self._session.write(piece)
             except ssl.SSLError as exc:
