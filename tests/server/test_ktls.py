@@ -47,6 +47,8 @@ def test_available_reads_the_kernels_list(tmp_path: Path, monkeypatch: pytest.Mo
     assert not ktls.available()  # no such file: no kernel TLS
     ulp.write_text("mptcp\n")
     assert not ktls.available()
+    ulp.write_text("mptcp tls_other\n")  # a name, not a substring
+    assert not ktls.available()
     ulp.write_text("mptcp tls\n")
     assert ktls.available()
 
