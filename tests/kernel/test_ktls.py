@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import ssl
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from erofs_nbdd import ktls
 
 from ..conftest import mkfs, require_tool
 from ..interop.conftest import RunningServer, start_server_process, stop_server_process
+from ..tlsclient import StdlibTLSClient, reads_across_key_updates
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +103,7 @@ def test_a_slow_reader_gets_every_reply_whole(
     image = (big_images / "big.erofs").read_bytes()
     server = _serve(big_images, certs)
     try:
-        with _TLSClient(server.address, certs / "clients" / "alice", "big", version) as client:
+        with StdlibTLSClient(server.address, certs / "clients" / "alice", "big", version) as client:
             size = len(image)
             reads = [(0, 4096), (512, 65536), (4096, 1 << 20), (size - 69632, 69632)]
             reads += [((i * 777_777) % (size - (1 << 20)) // 512 * 512, 1 << 20) for i in range(12)]
@@ -129,7 +128,7 @@ def test_a_client_that_never_reads_is_dropped(
     never drains, and the connection is dropped, not left pinning the server."""
     server = _serve(big_images, certs, "--reply-timeout", "2")
     try:
-        with _TLSClient(server.address, certs / "clients" / "alice", "big") as client:
+        with StdlibTLSClient(server.address, certs / "clients" / "alice", "big") as client:
             for cookie in range(200):  # 200 MiB asked for, nothing read
                 client.send_read(cookie, 0, 1 << 20)
             deadline = time.monotonic() + 60
@@ -142,71 +141,21 @@ def test_a_client_that_never_reads_is_dropped(
     assert "client read no reply for 2 s (reply timeout)" in lines[0], log
 
 
-class _TLSClient:
-    """A minimal NBD client on the standard library: fixed newstyle, STARTTLS, GO, simple
-    replies; nothing of ours, so the server's records meet OpenSSL as any client's would."""
-
-    REQUEST = struct.Struct(">IHHQQI")
-    REPLY = struct.Struct(">IIQ")
-
-    def __init__(
-        self,
-        address: str,
-        cert_dir: Path,
-        export: str,
-        version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
-    ) -> None:
-        host, _, port = address.rpartition(":")
-        raw = socket.create_connection((host, int(port)), timeout=30)
-        greeting = self._exact(raw, 18)
-        assert greeting[:16] == b"NBDMAGICIHAVEOPT"
-        raw.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-        self._option(raw, 5, b"")  # STARTTLS
-        ctx = ssl.create_default_context(cafile=str(cert_dir / "ca-cert.pem"))
-        ctx.load_cert_chain(cert_dir / "client-cert.pem", cert_dir / "client-key.pem")
-        ctx.maximum_version = version
-        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
-        assert self.sock.version() == version.name.replace("v1_", "v1.")
-        name = export.encode()
-        self._option(self.sock, 7, struct.pack(">I", len(name)) + name + b"\0\0")  # GO
-
-    def __enter__(self) -> _TLSClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    @staticmethod
-    def _exact(sock: socket.socket, n: int, chunk: int = 1 << 20, pause: float = 0) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            got = sock.recv(min(chunk, n - len(out)))
-            assert got, f"the server closed after {len(out)} of {n} bytes"
-            out += got
-            if pause:
-                time.sleep(pause)
-        return bytes(out)
-
-    def _option(self, sock: socket.socket, opt: int, data: bytes) -> None:
-        sock.sendall(b"IHAVEOPT" + struct.pack(">II", opt, len(data)) + data)
-        for _ in range(32):  # GO may send a few INFO replies before its ACK
-            magic, got_opt, rep, length = struct.unpack(">QIII", self._exact(sock, 20))
-            assert magic == 0x3E889045565A9 and got_opt == opt
-            self._exact(sock, length)
-            if rep == 1:  # ACK
-                return
-            assert rep == 3, f"option {opt} refused: reply type {rep:#x}"  # INFO
-        raise AssertionError("no ACK")
-
-    def send_read(self, cookie: int, offset: int, length: int) -> None:
-        self.sock.sendall(self.REQUEST.pack(0x25609513, 0, 0, cookie, offset, length))
-
-    def read_reply(self, reads: dict[int, tuple[int, int]], slow: bool) -> tuple[int, bytes]:
-        magic, error, cookie = self.REPLY.unpack(self._exact(self.sock, 16))
-        assert magic == 0x67446698 and error == 0, (magic, error)
-        length = reads[cookie][1]
-        # slow: 64 KiB at a time with pauses, so the server's socket fills up behind us
-        return cookie, self._exact(self.sock, length, 65536, 0.002 if slow else 0)
-
-    def disconnect(self) -> None:
-        self.sock.sendall(self.REQUEST.pack(0x25609513, 0, 2, 0, 0, 0))
+def test_key_updates_keep_a_kernel_tls_connection(
+    tls_module: None, big_images: Path, certs: Path
+) -> None:
+    """A client's new send key (GnuTLS changes it after about 2^24 records, so every
+    long-lived libnbd connection meets this) is OpenSSL's business: it decrypts requests
+    here. A client that asks the server to change its key too gets no KeyUpdate back, as
+    this kernel (6.1) cannot change a socket's send key, and replies keep the first key;
+    the connection goes on. README (TLS) says so."""
+    image = (big_images / "big.erofs").read_bytes()
+    server = _serve(big_images, certs)
+    try:
+        with StdlibTLSClient(server.address, certs / "clients" / "alice", "big") as client:
+            answered = reads_across_key_updates(client, image)
+    finally:
+        log = _stop(server)
+    assert answered == {False: False, True: False}
+    lines = _connection_lines(log)
+    assert len(lines) == 1 and "+ktls" in lines[0] and "ended=disconnect" in lines[0], log

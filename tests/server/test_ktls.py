@@ -26,6 +26,7 @@ from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
 from erofs_nbdd.tlsstream import SEND_SLICE, file_slices
 
 from ..conftest import mkfs, require_tool
+from ..tlsclient import StdlibTLSClient, reads_across_key_updates
 from .helpers import start_server
 
 if TYPE_CHECKING:
@@ -201,3 +202,30 @@ def test_kernel_tls_needs_openssls_option() -> None:
     ktls.enable(ctx)
     assert ktls.enabled(ctx)
     assert ctx.options & 8  # SSL_OP_ENABLE_KTLS in OpenSSL 3
+
+
+@pytest.mark.parametrize("drives_socket", [False, True], ids=["memory-bio", "openssl-socket"])
+async def test_key_updates_keep_the_connection_and_are_answered(
+    nursery: trio.Nursery,
+    images: Path,
+    made_certs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    drives_socket: bool,
+) -> None:
+    """A TLS 1.3 client may change its send key at any time (GnuTLS does after about 2^24
+    records, so a long-lived libnbd connection will) and may ask the server to change its
+    own. In this process OpenSSL does both, whether it writes to a memory BIO or to the
+    socket. (With the kernel encrypting, see tests/kernel/test_ktls.py.)"""
+    if drives_socket:
+        monkeypatch.setattr(ktls, "available", lambda: True)
+    image = (images / "demo.erofs").read_bytes()
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
+    address = await start_server(nursery, images, tls=tls)
+
+    def run() -> dict[bool, bool]:
+        with StdlibTLSClient(address, made_certs / "clients" / "alice", "demo") as client:
+            return reads_across_key_updates(client, image)
+
+    with trio.fail_after(30):
+        answered = await trio.to_thread.run_sync(run)
+    assert answered == {False: False, True: True}

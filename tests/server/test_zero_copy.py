@@ -3,7 +3,10 @@ cannot be: evicted pages, TLS, an image that shrinks under a reply."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -26,6 +29,8 @@ from ..conftest import mkfs
 from .helpers import start_server
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from .conftest import Connect
 
 
@@ -37,6 +42,34 @@ def _evict(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _pinned(path: Path) -> Iterator[bytes]:
+    """The file's bytes, its pages read into the page cache and locked there (mlock on a
+    shared mapping) while the block runs. The machines these tests run on reclaim page cache
+    on their own; one page reclaimed under a test of cached reads sends that read through a
+    thread and fails a count of sendfile bytes for a reason that is not the server's. Where
+    mlock is refused (no CAP_IPC_LOCK, a small RLIMIT_MEMLOCK) the pages are only read."""
+    data = path.read_bytes()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ]  # fmt: skip
+    for name in ("mlock", "munlock", "munmap"):
+        getattr(libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, len(data), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    os.close(fd)
+    mapped = address not in (None, ctypes.c_void_p(-1).value)
+    try:
+        if mapped:
+            libc.mlock(address, len(data))  # a read-only shared mapping: the cache's own pages
+        yield data
+    finally:
+        if mapped:
+            libc.munmap(address, len(data))  # unlocks too
 
 
 @pytest.fixture
@@ -126,21 +159,21 @@ async def test_cached_large_reads_go_by_sendfile_and_evicted_ones_do_not(
     structured: bool,
 ) -> None:
     image = big_image / "big.erofs"
-    data = image.read_bytes()  # also puts it in the page cache
     address = await start_server(nursery, big_image)
     _, session = await negotiate(await connect(address), "big", structured=structured)
-    cases = [(0, 1 << 20), (4096, 4 << 20), (len(data) - FILE_REPLY_MIN, FILE_REPLY_MIN)]
-    for offset, length in cases:
-        assert await session.pread(offset, length) == data[offset : offset + length]
-    sent = sum(n for _, n in sendfile_calls)
-    assert sent == sum(length for _, length in cases)  # every byte, by sendfile
-    # Pipelined, mixed with small reads that are copied and batched:
-    sendfile_calls.clear()
-    async with trio.open_nursery() as readers:
-        for i in range(40):
-            offset, length = (i * 65536, 4096) if i % 2 else (i * 131072, 131072)
-            readers.start_soon(_check, session, data, offset, length)
-    assert sum(n for _, n in sendfile_calls) == 20 * 131072  # the large ones only
+    with _pinned(image) as data:
+        cases = [(0, 1 << 20), (4096, 4 << 20), (len(data) - FILE_REPLY_MIN, FILE_REPLY_MIN)]
+        for offset, length in cases:
+            assert await session.pread(offset, length) == data[offset : offset + length]
+        sent = sum(n for _, n in sendfile_calls)
+        assert sent == sum(length for _, length in cases)  # every byte, by sendfile
+        # Pipelined, mixed with small reads that are copied and batched:
+        sendfile_calls.clear()
+        async with trio.open_nursery() as readers:
+            for i in range(40):
+                offset, length = (i * 65536, 4096) if i % 2 else (i * 131072, 131072)
+                readers.start_soon(_check, session, data, offset, length)
+        assert sum(n for _, n in sendfile_calls) == 20 * 131072  # the large ones only
     # Evicted: the read must not stall the event loop on the disk, so it takes a thread.
     sendfile_calls.clear()
     _evict(image)
