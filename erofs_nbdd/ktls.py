@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from .faststream import FastLock, FastSocketStream
-from .tlsstream import TLSSession, even_slices, file_slices
+from .tlsstream import TLSSession, data_slices, file_slices
 
 #: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
 OP_ENABLE_KTLS = 1 << 3
@@ -129,7 +129,7 @@ class KernelTLSStream(TLSSession, trio.abc.Stream):
         if self.kernel:
             await self.transport.send_all(data)
             return
-        for piece in even_slices(data):
+        for piece in data_slices(data):
             await self._write(piece)
 
     async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:

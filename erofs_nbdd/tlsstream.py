@@ -21,51 +21,58 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 TRANSPORT_READ = 256 * 1024
-SEND_SLICE = 256 * 1024
+#: The most plaintext one TLS record carries.
+RECORD = 16 * 1024
+SEND_SLICE = 16 * RECORD
 
 
-def even_step(total: int) -> int:
-    """The size of each of the slices of about SEND_SLICE that ``total`` bytes go out in:
-    a reply of 256 KiB plus its 16-byte header is one slice, not a second one of 16 bytes."""
-    slices = max(1, round(total / SEND_SLICE))
-    return -(-total // slices) or 1
+def slices(total: int) -> list[tuple[int, int]]:
+    """Where ``total`` bytes are cut to be encrypted and sent: SEND_SLICE each, a whole
+    number of full records, the last slice taking the rest as well. So a 256 KiB reply and
+    its 16-byte header go in one write, not a second one carrying a 16-byte record, and
+    1 MiB plus its header makes 65 records, the fewest. (Slices evened out to 262,148 bytes
+    made 68: each ended in a 4-byte record that the client reads and decrypts on its own.)
+    One slice, empty, for nothing."""
+    count = max(1, total // SEND_SLICE)
+    return [(i * SEND_SLICE, (i + 1) * SEND_SLICE) for i in range(count - 1)] + [
+        ((count - 1) * SEND_SLICE, total)
+    ]
 
 
-def even_slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
-    """``data`` as views in slices of ``even_step`` (one, empty, for no data)."""
+def data_slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+    """``data`` as views cut by ``slices``."""
     view = memoryview(data)
-    step = even_step(len(view))
-    for start in range(0, max(1, len(view)), step):
-        yield view[start : start + step]
+    for start, end in slices(len(view)):
+        yield view[start:end]
 
 
 def file_slices(head: bytes | bytearray, fd: int, offset: int, length: int) -> Iterator[memoryview]:
-    """``head`` and ``length`` bytes of file ``fd`` from ``offset``, read for encryption a
-    slice at a time into one buffer, each slice a view of it valid until the next: the
-    buffer stays in the CPU cache, and a reply-sized one is never allocated and zeroed. It
-    lives only as long as the reply: kept per connection, among short-lived replies in the
-    heap, it fragmented it (a soak's RSS grew 50 % faster). ``SourceFailed`` if the file
-    ends early or cannot be read."""
-    step = even_step(len(head) + length)
-    view = memoryview(bytearray(step))
+    """``head`` and ``length`` bytes of file ``fd`` from ``offset``, cut by ``slices`` and
+    read for encryption one slice at a time into one buffer, each slice a view of it valid
+    until the next: the buffer stays in the CPU cache, and a reply-sized one is never
+    allocated and zeroed. It lives only as long as the reply: kept per connection, among
+    short-lived replies in the heap, it fragmented it (a soak's RSS grew 50 % faster).
+    ``SourceFailed`` if the file ends early or cannot be read."""
+    cuts = slices(len(head) + length)
+    first, last = cuts[0], cuts[-1]
+    assert len(head) <= first[1] - first[0], "a reply header fits in its first slice"
+    view = memoryview(bytearray(last[1] - last[0]))  # the last slice is the largest
+    view[: len(head)] = head
     filled = len(head)
-    view[:filled] = head
-    end = offset + length
-    while offset < end:
-        want = min(step - filled, end - offset)
-        try:
-            got = os.preadv(fd, [view[filled : filled + want]], offset)
-        except OSError as exc:
-            raise SourceFailed(f"reading the image at {offset} failed: {exc}") from exc
-        if not got:
-            raise SourceFailed(f"the image ended at {offset}, {end - offset} bytes early")
-        offset += got
-        filled += got
-        if filled == step or offset == end:
-            yield view[:filled]
-            filled = 0
-    if filled:  # length 0: the head alone
-        yield view[:filled]
+    stop = offset + length
+    for start, end in cuts:
+        size = end - start
+        while filled < size:
+            try:
+                got = os.preadv(fd, [view[filled:size]], offset)
+            except OSError as exc:
+                raise SourceFailed(f"reading the image at {offset} failed: {exc}") from exc
+            if not got:
+                raise SourceFailed(f"the image ended at {offset}, {stop - offset} bytes early")
+            offset += got
+            filled += got
+        yield view[:size]
+        filled = 0
 
 
 class TLSSession:
@@ -171,9 +178,7 @@ class TLSStream(TLSSession, trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # Encrypt in slices: a 32 MiB reply must not become 32 MiB more of ciphertext at once.
-        # Slices are evened out, so a reply of 256 KiB + its 16-byte header is one slice and
-        # one write, not a second write carrying a 16-byte record.
-        await self._encrypt(even_slices(data))
+        await self._encrypt(data_slices(data))
 
     async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:
         """``head``, then ``length`` bytes of file ``fd`` from ``offset`` (which the caller

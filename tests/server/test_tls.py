@@ -287,14 +287,24 @@ def test_tls_settings_that_cannot_work(pki: PKI, tmp_path: Path) -> None:
 
 
 class _CountingStream(trio.abc.Stream):
-    """A transport that remembers the size of every write."""
+    """A transport that remembers the size of every write and of every TLS record in them
+    (each record starts with a 5-byte header whose last two bytes are its length)."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.writes: list[int] = []
+        self.records: list[int] = []
+        self._pending = b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(len(data))
+        self._pending += bytes(data)
+        while len(self._pending) >= 5:
+            size = int.from_bytes(self._pending[3:5], "big")
+            if len(self._pending) < 5 + size:
+                break
+            self.records.append(size)
+            self._pending = self._pending[5 + size :]
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -307,10 +317,11 @@ class _CountingStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def test_tls_replies_are_encrypted_in_even_slices(pki: PKI) -> None:
+async def test_tls_replies_are_encrypted_in_slices_of_whole_records(pki: PKI) -> None:
     """A 256 KiB read reply plus its header is one slice and one write, not a second write
-    carrying a 16-byte record; a 1 MiB reply is four."""
-    from erofs_nbdd.tlsstream import SEND_SLICE, TLSStream
+    carrying a 16-byte record; a 1 MiB reply is four, and 65 records: every record full but
+    the last, so the client has no short record to read on its own."""
+    from erofs_nbdd.tlsstream import RECORD, SEND_SLICE, TLSStream
 
     a, b = trio.testing.memory_stream_pair()
     counted = _CountingStream(a)
@@ -319,8 +330,10 @@ async def test_tls_replies_are_encrypted_in_even_slices(pki: PKI) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
-    for size, writes in [(16, 1), (SEND_SLICE + 16, 1), (4 * SEND_SLICE + 16, 4), (400_000, 2)]:
+    cases = [(16, 1), (SEND_SLICE + 16, 1), (4 * SEND_SLICE + 16, 4), (600_000, 2), (0, 0)]
+    for size, writes in cases:
         counted.writes.clear()
+        counted.records.clear()
         got = bytearray()
 
         async def receive(size: int = size, got: bytearray = got) -> None:
@@ -333,3 +346,5 @@ async def test_tls_replies_are_encrypted_in_even_slices(pki: PKI) -> None:
             await server.send_all(bytes(range(256)) * (size // 256) + bytes(size % 256))
         assert len(got) == size
         assert len(counted.writes) == writes, (size, counted.writes)
+        full, rest = divmod(size, RECORD)  # each record carries 17 bytes more: type and tag
+        assert counted.records == [RECORD + 17] * full + [rest + 17] * bool(rest), size
