@@ -49,6 +49,10 @@ def server_context(cert_dir: Path, *, verify_peer: bool = False) -> ssl.SSLConte
             )
     ctx = _base_context(ssl.Purpose.CLIENT_AUTH)
     ctx.num_tickets = 0  # TLS 1.3: no NewSessionTicket records after the handshake
+    # TLS 1.2 renegotiation would change keys the kernel holds under kernel TLS, and lets a
+    # client make the server run handshakes on demand. OpenSSL 3 refuses a client's by
+    # default; 1.1.1, which Python may be built with elsewhere, does not.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:

@@ -111,10 +111,27 @@ class StdlibTLSClient:
             raise AssertionError("SSL_key_update refused")
 
 
+def renegotiation_is_refused(client: StdlibTLSClient, image: bytes) -> bool:
+    """A TLS 1.2 client asks to renegotiate (the ClientHello goes with its next request):
+    whether the server's answer is OpenSSL's no_renegotiation. A read before it must work."""
+    client.send_read(1, 0, 4096)
+    assert client.read_reply({1: (0, 4096)}, slow=False)[1] == image[:4096]
+    if _LIBSSL.SSL_renegotiate(_ssl_pointer(client.sock)) != 1:
+        raise AssertionError("SSL_renegotiate refused")
+    try:
+        client.send_read(2, 0, 4096)
+        client.read_reply({2: (0, 4096)}, slow=False)
+    except ssl.SSLError as exc:
+        return "NO_RENEGOTIATION" in str(exc)
+    return False
+
+
 def _libssl() -> ctypes.CDLL:
     lib = ctypes.CDLL("libssl.so.3")  # the library the ssl module is linked with, shared
     lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.SSL_key_update.restype = ctypes.c_int
+    lib.SSL_renegotiate.argtypes = [ctypes.c_void_p]
+    lib.SSL_renegotiate.restype = ctypes.c_int
     return lib
 
 

@@ -17,7 +17,7 @@ from erofs_nbdd import ktls
 
 from ..conftest import mkfs, require_tool
 from ..interop.conftest import RunningServer, start_server_process, stop_server_process
-from ..tlsclient import StdlibTLSClient, reads_across_key_updates
+from ..tlsclient import StdlibTLSClient, reads_across_key_updates, renegotiation_is_refused
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,22 @@ def test_key_updates_keep_a_kernel_tls_connection(
     assert answered == {False: False, True: False}
     lines = _connection_lines(log)
     assert len(lines) == 1 and "+ktls" in lines[0] and "ended=disconnect" in lines[0], log
+
+
+def test_renegotiation_is_refused_under_kernel_tls(
+    tls_module: None, big_images: Path, certs: Path
+) -> None:
+    """TLS 1.2 renegotiation would change keys the kernel holds: OpenSSL's refusal (an
+    alert it sends through the kernel) reaches the client, and the server goes on."""
+    image = (big_images / "big.erofs").read_bytes()
+    server = _serve(big_images, certs)
+    alice = certs / "clients" / "alice"
+    try:
+        with StdlibTLSClient(server.address, alice, "big", ssl.TLSVersion.TLSv1_2) as client:
+            assert renegotiation_is_refused(client, image)
+        with StdlibTLSClient(server.address, alice, "big") as client:
+            assert reads_across_key_updates(client, image) == {False: False, True: False}
+    finally:
+        log = _stop(server)
+    lines = _connection_lines(log)
+    assert len(lines) == 2 and all("+ktls" in line for line in lines), log

@@ -26,7 +26,7 @@ from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
 from erofs_nbdd.tlsstream import SEND_SLICE, file_slices
 
 from ..conftest import mkfs, require_tool
-from ..tlsclient import StdlibTLSClient, reads_across_key_updates
+from ..tlsclient import StdlibTLSClient, reads_across_key_updates, renegotiation_is_refused
 from .helpers import start_server
 
 if TYPE_CHECKING:
@@ -229,3 +229,34 @@ async def test_key_updates_keep_the_connection_and_are_answered(
     with trio.fail_after(30):
         answered = await trio.to_thread.run_sync(run)
     assert answered == {False: False, True: True}
+
+
+@pytest.mark.parametrize("drives_socket", [False, True], ids=["memory-bio", "openssl-socket"])
+async def test_renegotiation_is_refused_and_the_server_goes_on(
+    nursery: trio.Nursery,
+    images: Path,
+    made_certs: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    drives_socket: bool,
+) -> None:
+    """TLS 1.2 renegotiation would change keys that kernel TLS holds, and makes the server
+    run handshakes on a client's demand: refused (OP_NO_RENEGOTIATION), that connection
+    ends, and the next client is served."""
+    if drives_socket:
+        monkeypatch.setattr(ktls, "available", lambda: True)
+    image = (images / "demo.erofs").read_bytes()
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
+    address = await start_server(nursery, images, tls=tls)
+    alice = made_certs / "clients" / "alice"
+
+    def renegotiate() -> bool:
+        with StdlibTLSClient(address, alice, "demo", ssl.TLSVersion.TLSv1_2) as client:
+            return renegotiation_is_refused(client, image)
+
+    def read_once() -> dict[bool, bool]:
+        with StdlibTLSClient(address, alice, "demo") as client:
+            return reads_across_key_updates(client, image)
+
+    with trio.fail_after(30):
+        assert await trio.to_thread.run_sync(renegotiate)
+        assert await trio.to_thread.run_sync(read_once) == {False: False, True: True}

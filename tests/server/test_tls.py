@@ -284,6 +284,7 @@ def test_tls_settings_that_cannot_work(pki: PKI, tmp_path: Path) -> None:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.num_tickets == 0
     assert ctx.options & ssl.OP_NO_TICKET
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
 
 
 class _CountingStream(trio.abc.Stream):
