@@ -204,59 +204,58 @@ def test_kernel_tls_needs_openssls_option() -> None:
     assert ctx.options & 8  # SSL_OP_ENABLE_KTLS in OpenSSL 3
 
 
-@pytest.mark.parametrize("drives_socket", [False, True], ids=["memory-bio", "openssl-socket"])
-async def test_key_updates_keep_the_connection_and_are_answered(
+@pytest.fixture(params=[False, True], ids=["memory-bio", "openssl-socket"])
+async def in_process_tls_server(
+    request: pytest.FixtureRequest,
     nursery: trio.Nursery,
     images: Path,
     made_certs: Path,
     monkeypatch: pytest.MonkeyPatch,
-    drives_socket: bool,
+) -> str:
+    """A TLS server's address, on each path where OpenSSL encrypts in this process: to a
+    memory BIO, and on the socket (told the kernel has TLS, which this host refuses)."""
+    if request.param:
+        monkeypatch.setattr(ktls, "available", lambda: True)
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
+    return await start_server(nursery, images, tls=tls)
+
+
+async def test_key_updates_keep_the_connection_and_are_answered(
+    in_process_tls_server: str, images: Path, made_certs: Path
 ) -> None:
     """A TLS 1.3 client may change its send key at any time (GnuTLS does after about 2^24
     records, so a long-lived libnbd connection will) and may ask the server to change its
-    own. In this process OpenSSL does both, whether it writes to a memory BIO or to the
-    socket. (With the kernel encrypting, see tests/kernel/test_ktls.py.)"""
-    if drives_socket:
-        monkeypatch.setattr(ktls, "available", lambda: True)
+    own. In this process OpenSSL does both. (With the kernel encrypting, see
+    tests/kernel/test_ktls.py.)"""
     image = (images / "demo.erofs").read_bytes()
-    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
-    address = await start_server(nursery, images, tls=tls)
 
     def run() -> dict[bool, bool]:
-        with StdlibTLSClient(address, made_certs / "clients" / "alice", "demo") as client:
+        alice = made_certs / "clients" / "alice"
+        with StdlibTLSClient(in_process_tls_server, alice, "demo") as client:
             return reads_across_key_updates(client, image)
 
     with trio.fail_after(30):
-        answered = await trio.to_thread.run_sync(run)
-    assert answered == {False: False, True: True}
+        assert await trio.to_thread.run_sync(run) == {False: False, True: True}
 
 
-@pytest.mark.parametrize("drives_socket", [False, True], ids=["memory-bio", "openssl-socket"])
 async def test_renegotiation_is_refused_and_the_server_goes_on(
-    nursery: trio.Nursery,
-    images: Path,
-    made_certs: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    drives_socket: bool,
+    in_process_tls_server: str, images: Path, made_certs: Path
 ) -> None:
     """TLS 1.2 renegotiation would change keys that kernel TLS holds, and makes the server
     run handshakes on a client's demand: refused (OP_NO_RENEGOTIATION), that connection
     ends, and the next client is served."""
-    if drives_socket:
-        monkeypatch.setattr(ktls, "available", lambda: True)
     image = (images / "demo.erofs").read_bytes()
-    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
-    address = await start_server(nursery, images, tls=tls)
     alice = made_certs / "clients" / "alice"
+    v12 = ssl.TLSVersion.TLSv1_2
 
     def renegotiate() -> bool:
-        with StdlibTLSClient(address, alice, "demo", ssl.TLSVersion.TLSv1_2) as client:
+        with StdlibTLSClient(in_process_tls_server, alice, "demo", v12) as client:
             return renegotiation_is_refused(client, image)
 
-    def read_once() -> dict[bool, bool]:
-        with StdlibTLSClient(address, alice, "demo") as client:
+    def read_on() -> dict[bool, bool]:
+        with StdlibTLSClient(in_process_tls_server, alice, "demo") as client:
             return reads_across_key_updates(client, image)
 
     with trio.fail_after(30):
         assert await trio.to_thread.run_sync(renegotiate)
-        assert await trio.to_thread.run_sync(read_once) == {False: False, True: True}
+        assert await trio.to_thread.run_sync(read_on) == {False: False, True: True}
