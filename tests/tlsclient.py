@@ -38,7 +38,7 @@ class StdlibTLSClient:
         ctx = ssl.create_default_context(cafile=str(cert_dir / "ca-cert.pem"))
         ctx.load_cert_chain(cert_dir / "client-cert.pem", cert_dir / "client-key.pem")
         ctx.maximum_version = version
-        self._after_handshake: list[int] = []
+        self._received: list[int] = []
         self._sent: list[int] = []
         ctx._msg_callback = self._saw  # type: ignore[attr-defined]  # the hook ssl offers
         self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
@@ -53,7 +53,7 @@ class StdlibTLSClient:
         self, _conn: object, direction: str, _version: object, kind: int, message: int, _data: bytes
     ) -> None:
         if self._handshake_done and kind == 22:  # handshake
-            (self._after_handshake if direction == "read" else self._sent).append(int(message))
+            (self._received if direction == "read" else self._sent).append(int(message))
 
     def __enter__(self) -> StdlibTLSClient:
         return self
@@ -98,7 +98,7 @@ class StdlibTLSClient:
 
     def received_handshake(self) -> list[int]:
         """Types of the handshake messages received since the handshake ended."""
-        return list(self._after_handshake)
+        return list(self._received)
 
     def sent_handshake(self) -> list[int]:
         """Types of the handshake messages sent since the handshake ended."""

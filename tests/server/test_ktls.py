@@ -210,12 +210,11 @@ async def in_process_tls_server(
     nursery: trio.Nursery,
     images: Path,
     made_certs: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> str:
     """A TLS server's address, on each path where OpenSSL encrypts in this process: to a
     memory BIO, and on the socket (told the kernel has TLS, which this host refuses)."""
     if request.param:
-        monkeypatch.setattr(ktls, "available", lambda: True)
+        request.getfixturevalue("kernel_tls_claimed")
     tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
     return await start_server(nursery, images, tls=tls)
 

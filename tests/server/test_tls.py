@@ -300,12 +300,14 @@ class _CountingStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.writes.append(len(data))
         self._pending += bytes(data)
-        while len(self._pending) >= 5:
-            size = int.from_bytes(self._pending[3:5], "big")
-            if len(self._pending) < 5 + size:
+        at = 0
+        while len(self._pending) - at >= 5:
+            size = int.from_bytes(self._pending[at + 3 : at + 5], "big")
+            if len(self._pending) - at < 5 + size:
                 break
             self.records.append(size)
-            self._pending = self._pending[5 + size :]
+            at += 5 + size
+        self._pending = self._pending[at:]
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import Session, negotiate
+from erofs_nbdd import pagecache
 from erofs_nbdd.backends import FileBackend
 from erofs_nbdd.exports import ExportDirectory
 from erofs_nbdd.faststream import FastSocketStream, SourceFailed
@@ -52,17 +53,15 @@ def _pinned(path: Path) -> Iterator[bytes]:
     thread and fails a count of sendfile bytes for a reason that is not the server's. Where
     mlock is refused (no CAP_IPC_LOCK, a small RLIMIT_MEMLOCK) the pages are only read."""
     data = path.read_bytes()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
-    ]  # fmt: skip
-    for name in ("mlock", "munlock", "munmap"):
-        getattr(libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc = pagecache._LIBC  # already declares mmap and munmap
+    if libc is None:
+        yield data
+        return
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     fd = os.open(path, os.O_RDONLY)
     address = libc.mmap(None, len(data), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     os.close(fd)
-    mapped = address not in (None, ctypes.c_void_p(-1).value)
+    mapped = address not in (None, pagecache._MAP_FAILED)
     try:
         if mapped:
             libc.mlock(address, len(data))  # a read-only shared mapping: the cache's own pages
