@@ -136,7 +136,7 @@ class ClientHandshake:
             raise RemoteProtocolError(f"reply type {rep} does not answer option {opt}")
         try:
             return self._partial(opt, Rep(rep), data)
-        except (ValueError, IndexError) as exc:
+        except wire.MALFORMED as exc:
             raise RemoteProtocolError(f"malformed reply to option {opt}: {exc}") from exc
 
     def _partial(self, opt: int, rep: Rep, data: bytes) -> HandshakeReply:

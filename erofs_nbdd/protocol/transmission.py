@@ -261,7 +261,7 @@ class ClientTransmission:
             del self._in_flight[cookie]
         try:
             return self._parse_chunk(type_, cookie, payload, done, req)
-        except (ValueError, IndexError) as exc:
+        except wire.MALFORMED as exc:
             raise RemoteProtocolError(f"malformed reply chunk type {type_}: {exc}") from exc
 
     def _parse_chunk(
@@ -288,16 +288,19 @@ class ClientTransmission:
                 wire.EXTENT.unpack_from(payload, 4 + 8 * i) for i in range((len(payload) - 4) // 8)
             )
             return BlockStatusChunk(cookie, context_id, extents, done)
-        if type_ in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+        if type_ & (1 << 15):  # error chunks, known or not
             error, msg_len = wire.ERROR_CHUNK.unpack_from(payload)
+            tail = 8 if type_ == ReplyType.ERROR_OFFSET else 0
+            if msg_len > len(payload) - wire.ERROR_CHUNK.size - tail:
+                raise ValueError(f"error message of {msg_len} bytes runs past the chunk")
+            if type_ not in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+                return ErrorChunk(cookie, error or Errno.EINVAL, "", None, done)
             message = payload[6 : 6 + msg_len].decode("utf-8", "replace")
             offset = None
-            if type_ == ReplyType.ERROR_OFFSET:
+            if tail:
                 (offset,) = wire.U64.unpack_from(payload, 6 + msg_len)
+                _check_inside(req, offset, 1)
             return ErrorChunk(cookie, error, message, offset, done)
-        if type_ & (1 << 15):  # unknown error chunk types are still errors
-            error, msg_len = wire.ERROR_CHUNK.unpack_from(payload)
-            return ErrorChunk(cookie, error or Errno.EINVAL, "", None, done)
         raise ValueError(f"unknown chunk type {type_}")
 
 

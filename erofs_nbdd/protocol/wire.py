@@ -38,6 +38,10 @@ INFO_BLOCK_SIZE = struct.Struct(">HIII")  # Info.BLOCK_SIZE, minimum, preferred,
 EXTENT = struct.Struct(">II")  # length, flags
 ERROR_CHUNK = struct.Struct(">IH")  # error, message length
 
+# What decoding a peer's bytes raises when they are too short or out of range: struct.error
+# is no ValueError, so a parser that catches only ValueError lets a short payload crash it.
+MALFORMED: tuple[type[Exception], ...] = (ValueError, IndexError, struct.error)
+
 
 class Buffer:
     """Bytes received but not yet parsed; consumes from the front without quadratic copying."""

@@ -48,12 +48,24 @@ def one_input(data: bytes) -> None:
             drive_client_transmission(pieces, structured=bool(cuts[0] & 1))
 
 
+# Inputs that once crashed a machine, so every run replays them.
+CRASHES = [
+    # client transmission: an ERROR chunk with an empty payload raised struct.error
+    bytes.fromhex("668e33efbd71c4fe00000000000000040000000000000004"),
+]
+
+
 def seeds() -> list[bytes]:
     """Inputs that reach deep states at once: a whole session for the server handshake
-    (target 0, one cut of 64) and its requests for the transmission machines."""
+    (target 0, one cut of 64) and its requests for the transmission machines; and CRASHES."""
     session = good_client_stream()
     requests = session[session.index(b"\x25\x60\x95\x13") :]
-    return [bytes([0, 0, 63]) + session, bytes([1, 0, 63]) + requests, bytes([2, 0, 7]) + requests]
+    return [
+        bytes([0, 0, 63]) + session,
+        bytes([1, 0, 63]) + requests,
+        bytes([2, 0, 7]) + requests,
+        *CRASHES,
+    ]
 
 
 def main() -> None:

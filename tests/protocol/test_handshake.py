@@ -337,6 +337,8 @@ def _client_waiting_for(opt: Opt) -> ClientHandshake:
         (Opt.LIST, wire.option_reply(Opt.LIST, Rep.INFO, wire.info_export(1, 1)), "does not"),
         (Opt.GO, wire.option_reply(Opt.GO, Rep.INFO, wire.info_export(1, 1) + b"x"), "not 12"),
         (Opt.GO, wire.option_reply(Opt.GO, Rep.INFO, b"\0\3\0"), "not 14"),
+        (Opt.GO, wire.option_reply(Opt.GO, Rep.INFO, b"\0"), "malformed reply"),
+        (Opt.GO, wire.option_reply(Opt.GO, Rep.INFO), "malformed reply"),
         (Opt.LIST, wire.option_reply(Opt.LIST, Rep.SERVER, b"\0\0\0\x09ab"), "past the end"),
         (Opt.LIST, wire.option_reply(Opt.LIST, 77), "does not"),
         (Opt.LIST, wire.option_reply(Opt.LIST, Rep.ACK, b"x"), "carries data"),

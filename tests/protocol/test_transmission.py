@@ -147,6 +147,24 @@ def test_structured_replies_pair() -> None:
     assert client.in_flight == 0
 
 
+def test_client_parses_error_offsets_and_unknown_error_types() -> None:
+    client = ClientTransmission(Negotiated(structured_replies=True))
+    c1, _ = client.request(Cmd.READ, 4096, 1024)
+    c2, _ = client.request(Cmd.READ, 0, 512)
+    offset_error = struct.pack(">IH", Errno.EIO, 3) + b"bad" + struct.pack(">Q", 5119)
+    unknown_error = struct.pack(">IH", 0, 1) + b"?"
+    data = (
+        wire.chunk(c1, ReplyType.ERROR_OFFSET, len(offset_error), done=True)
+        + offset_error
+        + wire.chunk(c2, (1 << 15) + 77, len(unknown_error), done=True)
+        + unknown_error
+    )
+    assert feed(client, data, bytewise=True) == [
+        ErrorChunk(c1, Errno.EIO, "bad", 5119, done=True),
+        ErrorChunk(c2, Errno.EINVAL, "", None, done=True),
+    ]
+
+
 def test_client_parses_holes_and_multi_chunk_replies() -> None:
     negotiated = Negotiated(structured_replies=True)
     client = ClientTransmission(negotiated)
@@ -183,6 +201,17 @@ def test_client_parses_holes_and_multi_chunk_replies() -> None:
             "too long",
         ),
         (Negotiated(structured_replies=True), wire.chunk(1, 77, 0, done=True), "unknown chunk"),
+        # Error chunks too short for what they say (a fuzzer found the first one crashing).
+        *(
+            (Negotiated(structured_replies=True), wire.chunk(1, type_, len(p), done=True) + p, m)
+            for type_, p, m in [
+                (ReplyType.ERROR, b"", "malformed"),
+                (ReplyType.ERROR, struct.pack(">IH", 5, 3) + b"ab", "runs past"),
+                (ReplyType.ERROR_OFFSET, struct.pack(">IH", 5, 0), "runs past"),
+                (ReplyType.ERROR_OFFSET, struct.pack(">IHQ", 5, 0, 512), "outside the request"),
+                ((1 << 15) + 77, b"\0\0", "malformed"),
+            ]
+        ),
     ],
 )
 def test_client_rejects_bad_replies(negotiated: Negotiated, reply: bytes, match: str) -> None:
