@@ -2,15 +2,19 @@
 
     python -m tests.fuzz.fuzz_protocol CORPUS_DIR -max_total_time=60
 
-The first input byte picks a machine (server handshake, server transmission plain or
-structured, client handshake, client transmission), a few more pick how the stream is cut,
-the rest is the stream. A ProtocolError is the machine refusing bad input (fine); any other
-exception is a crash, and so is a reply our own machines framed wrong.
+An input is ``[target, n, cut * n, stream...]``: the target byte picks a machine (server
+handshake, server transmission plain or structured, client handshake, client transmission
+plain or structured), the cut bytes say how the stream is split into receives, the rest is
+the stream. The layout is spelled out here rather than left to FuzzedDataProvider, which
+takes integers from the end, so that the seeds below really start where they claim.
+A ProtocolError is the machine refusing bad input (fine); any other exception is a crash,
+and so is a reply our own machines framed wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
+import struct
 import sys
 
 import atheris
@@ -25,17 +29,24 @@ with atheris.instrument_imports():
         drive_server_handshake,
         drive_server_transmission,
         good_client_stream,
+        good_server_replies,
+        good_server_stream,
     )
 
-TARGETS = 5
+TARGETS = 6
+
+
+def case(target: int, cuts: list[int], stream: bytes) -> bytes:
+    """The input that runs ``stream`` through ``target``, cut into pieces of ``cuts`` bytes."""
+    return bytes([target, len(cuts) - 1, *(c - 1 for c in cuts)]) + stream
 
 
 def one_input(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, TARGETS - 1)
-    cuts = [fdp.ConsumeIntInRange(1, 64) for _ in range(fdp.ConsumeIntInRange(1, 6))]
-    stream = fdp.ConsumeBytes(fdp.remaining_bytes())
-    pieces = chunked(stream, cuts)
+    if len(data) < 2:
+        return
+    target, n = data[0] % TARGETS, data[1] % 6 + 1
+    cuts = [c % 64 + 1 for c in data[2 : 2 + n]] or [64]
+    pieces = chunked(data[2 + n :], cuts)
     with contextlib.suppress(ProtocolError, Closed):
         if target == 0:
             drive_server_handshake(pieces)
@@ -45,25 +56,29 @@ def one_input(data: bytes) -> None:
         elif target == 3:
             drive_client_handshake(pieces)
         else:
-            drive_client_transmission(pieces, structured=bool(cuts[0] & 1))
+            drive_client_transmission(pieces, structured=target == 5)
 
 
 # Inputs that once crashed a machine, so every run replays them.
 CRASHES = [
-    # client transmission: an ERROR chunk with an empty payload raised struct.error
-    bytes.fromhex("668e33efbd71c4fe00000000000000040000000000000004"),
+    # client transmission: an unknown error chunk type with an empty payload raised
+    # struct.error (it was found under FuzzedDataProvider's layout; this is it re-encoded)
+    case(5, [1], struct.pack(">IHHQI", 0x668E33EF, 0xBD71, 0xC4FE, 4, 0) + b"\0"),
 ]
 
 
 def seeds() -> list[bytes]:
-    """Inputs that reach deep states at once: a whole session for the server handshake
-    (target 0, one cut of 64) and its requests for the transmission machines; and CRASHES."""
+    """Inputs that reach deep states at once: a whole session for each handshake machine,
+    good requests for the server's transmission, good replies for the client's; and CRASHES."""
     session = good_client_stream()
     requests = session[session.index(b"\x25\x60\x95\x13") :]
     return [
-        bytes([0, 0, 63]) + session,
-        bytes([1, 0, 63]) + requests,
-        bytes([2, 0, 7]) + requests,
+        case(0, [64], session),
+        case(1, [64], requests),
+        case(2, [8, 3], requests),
+        case(3, [64], good_server_stream()),
+        case(4, [64], good_server_replies(structured=False)),
+        case(5, [7, 64], good_server_replies(structured=True)),
         *CRASHES,
     ]
 

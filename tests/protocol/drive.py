@@ -8,6 +8,7 @@ client) would, checks each reply it produced is well framed, and lets only the p
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterable, Iterator
 
@@ -27,16 +28,20 @@ from erofs_nbdd.protocol import (
     State,
     TransmissionFlag,
     check_request,
+    wire,
 )
+from erofs_nbdd.protocol.constants import ReplyType
 from erofs_nbdd.protocol.events import (
     AbortOption,
     ClientFlags,
     Disconnect,
     ExportNameOption,
+    HandshakeReply,
     InfoOption,
     InvalidOption,
     ListOption,
     MetaContextOption,
+    ReplyEvent,
     Request,
     StartTLSOption,
     StructuredReplyOption,
@@ -60,15 +65,14 @@ class BadReply(AssertionError):
 
 
 def chunked(data: bytes, sizes: Iterable[int]) -> Iterator[bytes]:
-    """``data`` cut at the given sizes (cycled), the last piece whatever remains."""
+    """``data`` cut at the given sizes, cycled until it is used up."""
+    sizes = [max(1, size) for size in sizes] or [len(data)]
     pos = 0
-    for size in sizes:
+    for size in itertools.cycle(sizes):
         if pos >= len(data):
             return
-        yield data[pos : pos + max(1, size)]
-        pos += max(1, size)
-    if pos < len(data):
-        yield data[pos:]
+        yield data[pos : pos + size]
+        pos += size
 
 
 def check_option_replies(data: bytes, opt: int) -> None:
@@ -178,14 +182,16 @@ def drive_server_transmission(
     return served
 
 
-def drive_client_handshake(chunks: Iterable[bytes]) -> None:
-    """A client asking INFO, then GO, fed arbitrary server bytes."""
+def drive_client_handshake(chunks: Iterable[bytes]) -> list[HandshakeReply]:
+    """A client asking INFO, then LIST, then GO, fed arbitrary server bytes; the events
+    it saw, up to transmission (or the end of the bytes)."""
     hs = ClientHandshake()
+    events: list[HandshakeReply] = []
     asked = 0
     for chunk in chunks:
         hs.receive_data(chunk)
         while (event := hs.next_event()) is not NEED_DATA:
-            del event
+            events.append(event)
             if hs.state is State.AWAIT_CLIENT_FLAGS:
                 hs.send_client_flags()
             if hs.state is State.OPTIONS:
@@ -196,24 +202,28 @@ def drive_client_handshake(chunks: Iterable[bytes]) -> None:
                 elif asked == 2:
                     hs.opt_go("demo")
                 else:
-                    return
+                    return events
                 asked += 1
             if hs.state in (State.TRANSMISSION, State.TLS_HANDOVER):
-                return
+                return events
+    return events
 
 
-def drive_client_transmission(chunks: Iterable[bytes], structured: bool) -> None:
-    """A client with reads and a block status in flight, fed arbitrary server bytes."""
+def drive_client_transmission(chunks: Iterable[bytes], structured: bool) -> list[ReplyEvent]:
+    """A client with reads and a block status in flight, fed arbitrary server bytes; the
+    replies it parsed."""
     negotiated = Negotiated(structured_replies=structured, meta_contexts={1: "base:allocation"})
     tx = ClientTransmission(negotiated, max_reply_payload=MAX_PAYLOAD)
     for i in range(4):
         tx.request(Cmd.READ, 512 * i, 512 * (i + 1))
     if structured:
         tx.request(Cmd.BLOCK_STATUS, 0, 1 << 20)
+    events: list[ReplyEvent] = []
     for chunk in chunks:
         tx.receive_data(chunk)
-        while tx.next_event() is not NEED_DATA:
-            pass
+        while (event := tx.next_event()) is not NEED_DATA:
+            events.append(event)
+    return events
 
 
 def good_client_stream() -> bytes:
@@ -228,3 +238,33 @@ def good_client_stream() -> bytes:
     out += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.READ, 1, 0, 4096)
     out += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, Cmd.DISC, 2, 0, 0)
     return out
+
+
+def good_server_stream() -> bytes:
+    """What a server answers drive_client_handshake: INFO, LIST and GO, all accepted."""
+    export = wire.option_reply(Opt.INFO, Rep.INFO, wire.info_export(1 << 20, FLAGS))
+    out = wire.greeting(3)
+    out += export + wire.option_reply(Opt.INFO, Rep.INFO, wire.info_block_size(512, 4096, 1 << 25))
+    out += wire.option_reply(Opt.INFO, Rep.ACK)
+    out += wire.option_reply(Opt.LIST, Rep.SERVER, wire.rep_server(b"demo", b"a demo"))
+    out += wire.option_reply(Opt.LIST, Rep.ACK)
+    go = wire.option_reply(Opt.GO, Rep.INFO, wire.info_export(1 << 20, FLAGS))
+    return out + go + wire.option_reply(Opt.GO, Rep.ACK)
+
+
+def good_server_replies(structured: bool) -> bytes:
+    """Replies to what drive_client_transmission asks, in several of the shapes allowed."""
+    if not structured:
+        return (
+            wire.simple_reply(1) + b"a" * 512 + wire.simple_reply(2) + b"b" * 1024
+            + wire.simple_reply(3, Errno.EIO) + wire.simple_reply(4) + b"d" * 2048
+        )  # fmt: skip
+    error_at = struct.pack(">IH", Errno.EIO, 3) + b"bad" + struct.pack(">Q", 1600)
+    return (
+        wire.offset_data_header(1, 0, 512, done=True) + b"a" * 512
+        + wire.chunk(2, ReplyType.OFFSET_HOLE, 12, done=False) + struct.pack(">QI", 512, 256)
+        + wire.offset_data_header(2, 768, 768, done=False) + b"b" * 768 + wire.done_chunk(2)
+        + wire.error_chunk(3, Errno.EIO, b"disk on fire")
+        + wire.chunk(4, ReplyType.ERROR_OFFSET, len(error_at), done=True) + error_at
+        + wire.block_status_chunk(5, 1, [(4096, 0), (4096, 3)], done=True)
+    )  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import struct
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +56,8 @@ from .drive import (
     drive_server_handshake,
     drive_server_transmission,
     good_client_stream,
+    good_server_replies,
+    good_server_stream,
 )
 from .wirehelp import feed
 
@@ -144,6 +147,7 @@ def test_server_transmission_takes_any_bytes(
 
 @SETTINGS
 @given(st.binary(max_size=400), sizes)
+@example(good_server_stream()[18:], [1])
 def test_client_handshake_takes_any_bytes(data: bytes, cuts: list[int]) -> None:
     greeting = struct.pack(">QQH", 0x4E42444D41474943, IHAVEOPT, 3)
     with contextlib.suppress(ProtocolError):
@@ -152,11 +156,27 @@ def test_client_handshake_takes_any_bytes(data: bytes, cuts: list[int]) -> None:
 
 @SETTINGS
 @given(st.binary(max_size=400), sizes, st.booleans())
+@example(good_server_replies(structured=True), [3], True)
+@example(good_server_replies(structured=False), [3], False)
 def test_client_transmission_takes_any_bytes(
     data: bytes, cuts: list[int], structured: bool
 ) -> None:
     with contextlib.suppress(ProtocolError):
         drive_client_transmission(chunked(data, cuts), structured)
+
+
+@pytest.mark.parametrize("cuts", [[1], [7, 3], [10000]])
+def test_good_server_streams_go_all_the_way(cuts: list[int]) -> None:
+    """The fuzz seeds for the client machines reach what they claim: GO accepted, and every
+    request answered in each reply shape."""
+    events = drive_client_handshake(chunked(good_server_stream(), cuts))
+    assert [e.option for e in events if isinstance(e, OptionAck)] == [Opt.INFO, Opt.LIST, Opt.GO]
+    for structured, requests in ((False, 4), (True, 5)):
+        stream = chunked(good_server_replies(structured), cuts)
+        replies = drive_client_transmission(stream, structured)
+        finished = [e.cookie for e in replies if getattr(e, "done", True)]
+        assert finished == list(range(1, requests + 1))
+        assert any(isinstance(e, ErrorChunk) and e.offset == 1600 for e in replies) == structured
 
 
 # -- round trips: what one machine encodes, the other decodes to the same thing ---------
