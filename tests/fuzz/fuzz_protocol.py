@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import sys
+from pathlib import Path
 
 import atheris
 
@@ -84,6 +85,11 @@ def seeds() -> list[bytes]:
 
 
 def main() -> None:
+    """libFuzzer's command line; an empty corpus directory gets the seeds first."""
+    dirs = [Path(a) for a in sys.argv[1:] if not a.startswith("-") and Path(a).is_dir()]
+    if dirs and not any(dirs[0].iterdir()):
+        for i, seed in enumerate(seeds()):
+            (dirs[0] / f"seed{i}").write_bytes(seed)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 

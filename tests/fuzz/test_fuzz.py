@@ -11,17 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .fuzz_protocol import seeds
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fuzz_protocol_machines(tmp_path: Path) -> None:
     seconds = int(os.environ.get("FUZZ_SECONDS", "20"))
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, seed in enumerate(seeds()):
-        (corpus / f"seed{i}").write_bytes(seed)
+    corpus.mkdir()  # the target puts its seeds in an empty corpus
     result = subprocess.run(
         [
             sys.executable, "-m", "tests.fuzz.fuzz_protocol", str(corpus),
