@@ -28,6 +28,14 @@ from erofs_nbdd.protocol import (
     ServerHandshake,
     ServerTransmission,
     State,
+    wire,
+)
+from erofs_nbdd.protocol.constants import (
+    OPTION_REPLY_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ReplyFlag,
+    ReplyType,
 )
 from erofs_nbdd.protocol.events import (
     BlockSizeInfo,
@@ -145,8 +153,64 @@ def test_server_transmission_takes_any_bytes(
         drive_server_transmission(chunked(data + tail, cuts), negotiated)
 
 
+def _framed(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> tuple[int, bytes]:
+    """A payload and its length field: mostly right, sometimes anything."""
+    payload = draw(payloads)
+    return (draw(u32) if draw(st.integers(0, 9)) == 0 else len(payload)), payload
+
+
+@st.composite
+def option_reply_bytes(draw: st.DrawFn) -> bytes:
+    """One option reply to what drive_client_handshake asks: fields right, wrong or random,
+    with payloads shaped like INFO, SERVER and META_CONTEXT replies or cut short."""
+    opt = draw(st.sampled_from([Opt.INFO, Opt.LIST, Opt.GO, Opt.GO, 99]))
+    rep = draw(st.sampled_from([*Rep, Rep.INFO, Rep.INFO, 2**31 + 5, 77]))
+    info = draw(st.sampled_from([*Info, 99]))
+    length, payload = _framed(
+        draw,
+        st.one_of(
+            st.binary(max_size=16),
+            st.builds(lambda n, f: wire.info_export(n, f), u64, st.integers(0, 0xFFFF)),
+            st.builds(lambda a, b, c: wire.info_block_size(a, b, c), u32, u32, u32),
+            st.binary(max_size=14).map(lambda b: struct.pack(">H", int(info)) + b),
+            st.builds(wire.rep_server, st.binary(max_size=8), st.binary(max_size=8)),
+        ),
+    )
+    magic = draw(st.sampled_from([OPTION_REPLY_MAGIC] * 9 + [1]))
+    return struct.pack(">QIII", magic, int(opt), int(rep), length) + payload
+
+
+@st.composite
+def reply_bytes(draw: st.DrawFn) -> bytes:
+    """One reply to what drive_client_transmission asks: simple or any chunk type, for
+    cookies in flight or not, with payloads of sensible shape or cut short."""
+    cookie = draw(st.integers(0, 7))
+    if draw(st.booleans()):
+        error = draw(st.sampled_from([0, 0, Errno.EIO, 2**32 - 1]))
+        data = draw(st.sampled_from([b"", bytes(512), bytes(1024)]))
+        return wire.simple_reply(cookie, error) + data
+    type_ = draw(st.sampled_from([*ReplyType, 2**15 + 9, 2**16 - 1, 77]))
+    offset = draw(st.one_of(st.integers(0, 4096), u64))
+    length, payload = _framed(
+        draw,
+        st.one_of(
+            st.binary(max_size=20),
+            st.binary(max_size=64).map(lambda b: struct.pack(">Q", offset) + b),
+            st.tuples(u32, st.binary(max_size=8)).map(
+                lambda e: struct.pack(">IH", e[0], len(e[1])) + e[1] + struct.pack(">Q", offset)
+            ),
+            st.lists(st.tuples(u32, u32), max_size=4).map(
+                lambda ex: struct.pack(">I", 1) + b"".join(struct.pack(">II", *x) for x in ex)
+            ),
+        ),
+    )
+    flags = draw(st.sampled_from([0, ReplyFlag.DONE, 0xFFFF]))
+    magic = draw(st.sampled_from([STRUCTURED_REPLY_MAGIC] * 9 + [SIMPLE_REPLY_MAGIC]))
+    return struct.pack(">IHHQI", magic, flags, int(type_), cookie, length) + payload
+
+
 @SETTINGS
-@given(st.binary(max_size=400), sizes)
+@given(st.one_of(st.lists(option_reply_bytes(), max_size=8).map(b"".join), st.binary()), sizes)
 @example(good_server_stream()[18:], [1])
 def test_client_handshake_takes_any_bytes(data: bytes, cuts: list[int]) -> None:
     greeting = struct.pack(">QQH", 0x4E42444D41474943, IHAVEOPT, 3)
@@ -155,7 +219,11 @@ def test_client_handshake_takes_any_bytes(data: bytes, cuts: list[int]) -> None:
 
 
 @SETTINGS
-@given(st.binary(max_size=400), sizes, st.booleans())
+@given(
+    st.one_of(st.lists(reply_bytes(), max_size=8).map(b"".join), st.binary(max_size=400)),
+    sizes,
+    st.booleans(),
+)
 @example(good_server_replies(structured=True), [3], True)
 @example(good_server_replies(structured=False), [3], False)
 def test_client_transmission_takes_any_bytes(
