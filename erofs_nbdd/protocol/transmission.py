@@ -288,13 +288,14 @@ class ClientTransmission:
                 wire.EXTENT.unpack_from(payload, 4 + 8 * i) for i in range((len(payload) - 4) // 8)
             )
             return BlockStatusChunk(cookie, context_id, extents, done)
-        if type_ & (1 << 15):  # error chunks, known or not
+        if type_ & (1 << 15):  # error chunks, known or not; an error of 0 is still one
             error, msg_len = wire.ERROR_CHUNK.unpack_from(payload)
+            error = error or Errno.EINVAL
             tail = 8 if type_ == ReplyType.ERROR_OFFSET else 0
             if msg_len > len(payload) - wire.ERROR_CHUNK.size - tail:
                 raise ValueError(f"error message of {msg_len} bytes runs past the chunk")
             if type_ not in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-                return ErrorChunk(cookie, error or Errno.EINVAL, "", None, done)
+                return ErrorChunk(cookie, error, "", None, done)
             message = payload[6 : 6 + msg_len].decode("utf-8", "replace")
             offset = None
             if tail:

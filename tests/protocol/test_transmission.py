@@ -151,17 +151,22 @@ def test_client_parses_error_offsets_and_unknown_error_types() -> None:
     client = ClientTransmission(Negotiated(structured_replies=True))
     c1, _ = client.request(Cmd.READ, 4096, 1024)
     c2, _ = client.request(Cmd.READ, 0, 512)
+    c3, _ = client.request(Cmd.READ, 0, 512)
     offset_error = struct.pack(">IH", Errno.EIO, 3) + b"bad" + struct.pack(">Q", 5119)
-    unknown_error = struct.pack(">IH", 0, 1) + b"?"
+    unknown_error = struct.pack(">IH", Errno.EIO, 1) + b"?"
+    zero_error = struct.pack(">IH", 0, 0)  # the spec says nonzero; still no success
     data = (
         wire.chunk(c1, ReplyType.ERROR_OFFSET, len(offset_error), done=True)
         + offset_error
         + wire.chunk(c2, (1 << 15) + 77, len(unknown_error), done=True)
         + unknown_error
+        + wire.chunk(c3, ReplyType.ERROR, len(zero_error), done=True)
+        + zero_error
     )
     assert feed(client, data, bytewise=True) == [
         ErrorChunk(c1, Errno.EIO, "bad", 5119, done=True),
-        ErrorChunk(c2, Errno.EINVAL, "", None, done=True),
+        ErrorChunk(c2, Errno.EIO, "", None, done=True),
+        ErrorChunk(c3, Errno.EINVAL, "", None, done=True),
     ]
 
 
