@@ -291,15 +291,16 @@ class ClientTransmission:
         if type_ & (1 << 15):  # error chunks, known or not; an error of 0 is still one
             error, msg_len = wire.ERROR_CHUNK.unpack_from(payload)
             error = error or Errno.EINVAL
+            end = wire.ERROR_CHUNK.size + msg_len  # where the message ends
             tail = 8 if type_ == ReplyType.ERROR_OFFSET else 0
-            if msg_len > len(payload) - wire.ERROR_CHUNK.size - tail:
+            if end + tail > len(payload):
                 raise ValueError(f"error message of {msg_len} bytes runs past the chunk")
             if type_ not in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
                 return ErrorChunk(cookie, error, "", None, done)
-            message = payload[6 : 6 + msg_len].decode("utf-8", "replace")
+            message = payload[wire.ERROR_CHUNK.size : end].decode("utf-8", "replace")
             offset = None
             if tail:
-                (offset,) = wire.U64.unpack_from(payload, 6 + msg_len)
+                (offset,) = wire.U64.unpack_from(payload, end)
                 _check_inside(req, offset, 1)
             return ErrorChunk(cookie, error, message, offset, done)
         raise ValueError(f"unknown chunk type {type_}")
