@@ -14,14 +14,14 @@ and so is a reply our own machines framed wrong.
 from __future__ import annotations
 
 import contextlib
-import struct
 import sys
 from pathlib import Path
 
 import atheris
 
 with atheris.instrument_imports():
-    from erofs_nbdd.protocol import Negotiated, ProtocolError
+    from erofs_nbdd.protocol import Negotiated, ProtocolError, wire
+    from erofs_nbdd.protocol.constants import STRUCTURED_REPLY_MAGIC
     from tests.protocol.drive import (
         Closed,
         chunked,
@@ -64,7 +64,7 @@ def one_input(data: bytes) -> None:
 CRASHES = [
     # client transmission: an unknown error chunk type with an empty payload raised
     # struct.error (it was found under FuzzedDataProvider's layout; this is it re-encoded)
-    case(5, [1], struct.pack(">IHHQI", 0x668E33EF, 0xBD71, 0xC4FE, 4, 0) + b"\0"),
+    case(5, [1], wire.CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, 0xBD71, 0xC4FE, 4, 0) + b"\0"),
 ]
 
 

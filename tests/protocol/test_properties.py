@@ -78,12 +78,19 @@ u64 = st.integers(0, 2**64 - 1)
 names = st.text(st.characters(codec="utf-8"), max_size=40)
 
 
+def _framed(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> tuple[int, bytes]:
+    """A payload and its length field: mostly right, sometimes anything."""
+    payload = draw(payloads)
+    return (draw(u32) if draw(st.integers(0, 9)) == 0 else len(payload)), payload
+
+
 @st.composite
 def option_bytes(draw: st.DrawFn) -> bytes:
     """One option: mostly well framed, with payloads that are right, wrong or random."""
     opt = draw(st.sampled_from([*Opt, *Opt, 0, 99, 2**32 - 1]))
     name = draw(st.sampled_from([b"demo", b"", b"team/app-v2", b"../x", b"a\0b", b"\xff"]))
-    payload: bytes = draw(
+    length, payload = _framed(
+        draw,
         st.one_of(
             st.binary(max_size=8),
             st.binary(max_size=64),
@@ -97,9 +104,8 @@ def option_bytes(draw: st.DrawFn) -> bytes:
                 + b"base:allocation"
             ),
             st.just(name),
-        )
+        ),
     )
-    length = draw(u32) if draw(st.integers(0, 9)) == 0 else len(payload)  # mostly framed right
     return struct.pack(">QII", IHAVEOPT, int(opt), length) + payload
 
 
@@ -153,12 +159,6 @@ def test_server_transmission_takes_any_bytes(
         drive_server_transmission(chunked(data + tail, cuts), negotiated)
 
 
-def _framed(draw: st.DrawFn, payloads: st.SearchStrategy[bytes]) -> tuple[int, bytes]:
-    """A payload and its length field: mostly right, sometimes anything."""
-    payload = draw(payloads)
-    return (draw(u32) if draw(st.integers(0, 9)) == 0 else len(payload)), payload
-
-
 @st.composite
 def option_reply_bytes(draw: st.DrawFn) -> bytes:
     """One option reply to what drive_client_handshake asks: fields right, wrong or random,
@@ -177,7 +177,7 @@ def option_reply_bytes(draw: st.DrawFn) -> bytes:
         ),
     )
     magic = draw(st.sampled_from([OPTION_REPLY_MAGIC] * 9 + [1]))
-    return struct.pack(">QIII", magic, int(opt), int(rep), length) + payload
+    return wire.OPTION_REPLY_HEADER.pack(magic, int(opt), int(rep), length) + payload
 
 
 @st.composite
@@ -206,7 +206,7 @@ def reply_bytes(draw: st.DrawFn) -> bytes:
     )
     flags = draw(st.sampled_from([0, ReplyFlag.DONE, 0xFFFF]))
     magic = draw(st.sampled_from([STRUCTURED_REPLY_MAGIC] * 9 + [SIMPLE_REPLY_MAGIC]))
-    return struct.pack(">IHHQI", magic, flags, int(type_), cookie, length) + payload
+    return wire.CHUNK_HEADER.pack(magic, flags, int(type_), cookie, length) + payload
 
 
 @SETTINGS
