@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
+from .balance import LoadBoard
 from .config import DEFAULT_CERT_DAYS, DEFAULT_PORT, Limits, ServerConfig
 from .listen import ListenError, describe, parse_listen
 from .memory import tune_malloc
@@ -23,6 +24,8 @@ from .workers import run_workers, share
 if TYPE_CHECKING:
     import socket
     from collections.abc import Sequence
+
+    from .balance import Seat
 
 
 class UsageError(ValueError):
@@ -172,8 +175,10 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def _serve_until_signalled(config: ServerConfig, sockets: list[socket.socket]) -> None:
-    server = Server(config)
+async def _serve_until_signalled(
+    config: ServerConfig, sockets: list[socket.socket], seat: Seat | None
+) -> None:
+    server = Server(config, seat)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run, sockets)
@@ -238,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--busy-poll takes 0..10000 microseconds")
         if args.workers < 1:
             raise UsageError(f"--workers must be at least 1, not {args.workers}")
-        sets = bind_listen(config.listen, args.workers)
+        sockets = bind_listen(config.listen)
     except (ListenError, TLSSetupError, UsageError) as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
@@ -247,19 +252,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.ERROR
     tune_malloc()
     if args.workers == 1:
-        return _serve(config, sets[0])
+        return _serve(config, sockets)
     logging.getLogger("erofs_nbdd").info(
-        "%d worker processes on %s", args.workers, ", ".join(describe(s) for s in sets[0])
+        "%d worker processes on %s", args.workers, ", ".join(describe(s) for s in sockets)
     )
     shared = share(config, args.workers)
-    return run_workers(sets, lambda socks: _serve(shared, socks))
+    board = LoadBoard(args.workers)
+    return run_workers(board, args.workers, lambda i: _serve(shared, sockets, board.seat(i)))
 
 
-def _serve(config: ServerConfig, sockets: list[socket.socket]) -> int:
+def _serve(config: ServerConfig, sockets: list[socket.socket], seat: Seat | None = None) -> int:
     """One server process (the only one, or a worker) until SIGINT/SIGTERM."""
     try:
         try:
-            trio.run(_serve_until_signalled, config, sockets)
+            trio.run(_serve_until_signalled, config, sockets, seat)
         except BaseExceptionGroup as group:
             raise _sole(group) from None
     except TLSSetupError as exc:

@@ -56,52 +56,41 @@ def _remove_stale_socket(path: Path) -> None:
         pass
 
 
-def bind(spec: ListenSpec, copies: int = 1) -> list[list[socket.socket]]:
-    """Listening sockets for one --listen value (all addresses of a name, v4 and v6), in
-    ``copies`` sets: TCP sets are separate SO_REUSEPORT sockets on the same port, so the
-    kernel spreads new connections evenly over the workers holding them (one shared socket
-    lets the busiest worker take them all); a unix socket is one socket shared by all.
+def bind(spec: ListenSpec) -> list[socket.socket]:
+    """Listening sockets for one --listen value (all addresses of a name, v4 and v6); with
+    ``--workers`` every worker accepts from these same sockets (``balance.py`` says which).
     An OSError names the address and the cause."""
     try:
-        return _bind(spec, copies)
+        return _bind(spec)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror or exc}") from exc
 
 
-def _bind(spec: ListenSpec, copies: int) -> list[list[socket.socket]]:
+def _bind(spec: ListenSpec) -> list[socket.socket]:
     if spec.family == "unix":
         _remove_stale_socket(Path(spec.path))
-        return [[_listening(socket.AF_UNIX, spec.path)]] * copies
+        return [_listening(socket.AF_UNIX, spec.path)]
     infos = socket.getaddrinfo(
         spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
-    sets: list[list[socket.socket]] = [[] for _ in range(copies)]
+    socks: list[socket.socket] = []
     try:
         seen = set()
         for family, _, _, _, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            first = _listening(family, address, reuse_port=copies > 1)
-            sets[0].append(first)
-            same_port = (address[0], first.getsockname()[1], *address[2:])  # port 0 resolved
-            for copy in sets[1:]:
-                copy.append(_listening(family, same_port, reuse_port=True))
+            if (family, address) not in seen:
+                seen.add((family, address))
+                socks.append(_listening(family, address))
     except BaseException:
-        close_all([sock for copy in sets for sock in copy])
+        close_all(socks)
         raise
-    return sets
+    return socks
 
 
-def _listening(
-    family: int, address: str | tuple[object, ...], *, reuse_port: bool = False
-) -> socket.socket:
+def _listening(family: int, address: str | tuple[object, ...]) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:  # "::" must not also claim the v4 port we bind next
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
+import select
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from . import ktls
+from .balance import DEFER, POLL
 from .budget import ByteBudget
 from .connection import Connection
 from .exports import ExportDirectory
@@ -23,6 +26,7 @@ from .tls import TLSMode, server_context
 if TYPE_CHECKING:
     import socket
 
+    from .balance import Seat
     from .config import ServerConfig
 
 log = logging.getLogger("erofs_nbdd.server")
@@ -40,18 +44,31 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
     return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_listen(listen: tuple[str, ...], copies: int = 1) -> list[list[socket.socket]]:
-    """Every --listen address, bound and listening, in ``copies`` sets (one per worker
-    process); all or nothing."""
-    sets: list[list[socket.socket]] = [[] for _ in range(copies)]
+#: accept() failures that concern one connection (or none), not the listening socket.
+_RETRY_ACCEPT = frozenset({
+    errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.ETIMEDOUT,
+    errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENONET,
+    errno.EOPNOTSUPP, errno.ENOPROTOOPT,
+})  # fmt: skip
+
+
+def bind_listen(listen: tuple[str, ...]) -> list[socket.socket]:
+    """Every --listen address, bound and listening; all or nothing."""
+    socks: list[socket.socket] = []
     try:
         for text in listen:
-            for mine, socks in zip(sets, bind(parse_listen(text), copies), strict=True):
-                mine += socks
+            socks += bind(parse_listen(text))
     except BaseException:
-        close_all(list({id(s): s for copy in sets for s in copy}.values()))
+        close_all(socks)
         raise
-    return sets
+    return socks
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether a connection still waits on ``sock`` (another worker may have taken it)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -68,8 +85,12 @@ def raise_file_limit(wanted: int) -> int:
 class Server:
     """One server: its listeners, its connections, and how it stops."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, seat: Seat | None = None) -> None:
         self.config = config
+        #: With --workers, this worker's place on the shared load board.
+        self._seat = seat
+        #: Connections accepted and not yet closed (refused ones too, while refusing).
+        self._held = 0
         self.exports = ExportDirectory(config.root, default_export=config.default_export)
         self.connections: set[Connection] = set()
         self._per_client: dict[str, int] = {}
@@ -105,8 +126,7 @@ class Server:
         if config.default_export is not None and config.default_export not in found:
             log.warning("--default-export %r names no export (yet)", config.default_export)
         if sockets is None:
-            sockets = bind_listen(config.listen)[0]
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+            sockets = bind_listen(config.listen)
         addresses = [describe(s) for s in sockets]
         log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
         self._log_tls()
@@ -123,8 +143,8 @@ class Server:
             async with trio.open_nursery() as connections:
                 with self._accepting:
                     async with trio.open_nursery() as acceptors:
-                        for lst in listeners:
-                            acceptors.start_soon(self._accept, lst, connections)
+                        for sock in sockets:
+                            acceptors.start_soon(self._accept, sock, connections)
                         task_status.started(addresses)
                 if self.connections:
                     log.info("stopped accepting; %d connection(s) finishing", len(self.connections))
@@ -141,16 +161,46 @@ class Server:
                 "without CONFIG_TLS): replies are encrypted in this process"
             )
 
-    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
+    async def _accept(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        """Take connections from one listening socket until cancelled, then close it."""
+        try:
             while True:
+                await trio.lowlevel.wait_readable(sock)
+                await self._turn(sock)
                 try:
-                    stream = await listener.accept()
-                except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    log.warning("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self.handle, stream)
+                    conn, _ = sock.accept()
+                except OSError as exc:
+                    if exc.errno not in _RETRY_ACCEPT:  # EMFILE and friends: back off
+                        log.warning("accept failed: %s", exc)
+                        await trio.sleep(0.1)
+                    continue  # else another worker took it, or the client gave up
+                self._count(+1)
+                nursery.start_soon(self._handle_accepted, conn)
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def _turn(self, sock: socket.socket) -> None:
+        """Return when this process should take the pending connection: at once unless
+        another worker holds fewer connections; else once it took it or DEFER passed."""
+        if self._seat is None:
+            return
+        deadline = trio.current_time() + DEFER
+        while not self._seat.least_loaded() and trio.current_time() < deadline:
+            await trio.sleep(POLL)
+            if not _pending(sock):
+                return
+
+    def _count(self, change: int) -> None:
+        self._held += change
+        if self._seat is not None:
+            self._seat.hold(self._held)
+
+    async def _handle_accepted(self, conn: socket.socket) -> None:
+        try:
+            await self.handle(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        finally:
+            self._count(-1)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self._next_id += 1

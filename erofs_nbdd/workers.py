@@ -1,9 +1,10 @@
 """``--workers N``: N server processes accepting from the same listening sockets.
 
-One Python process serves with one core; several spread connections over the cores. The
-parent binds the sockets, forks the workers (before any trio loop exists), forwards
-SIGINT/SIGTERM to them, restarts one that dies unexpectedly, and exits when all have
-stopped. Server-wide limits are split between the workers.
+One Python process serves with one core; several spread connections over the cores (the
+least loaded takes each: ``balance.py``). The parent binds the sockets, forks the workers
+(before any trio loop exists), forwards SIGINT/SIGTERM to them, restarts one that dies
+unexpectedly, and exits when all have stopped. Server-wide limits are split between the
+workers.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Callable
 
+    from .balance import LoadBoard
     from .config import ServerConfig
 
 log = logging.getLogger("erofs_nbdd.workers")
@@ -47,12 +48,9 @@ def share(config: ServerConfig, workers: int) -> ServerConfig:
     return dataclasses.replace(config, limits=limits)
 
 
-def run_workers(
-    sets: list[list[socket.socket]],
-    serve: Callable[[list[socket.socket]], int],
-) -> int:
-    """Fork one process per socket set, running ``serve(its sockets)``; supervise them
-    until they have all exited after a signal. Returns the exit status for the parent."""
+def run_workers(board: LoadBoard, count: int, serve: Callable[[int], int]) -> int:
+    """Fork ``count`` processes, each running ``serve(its index)``; supervise them until
+    they have all exited after a signal. Returns the exit status for the parent."""
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -67,12 +65,9 @@ def run_workers(
         if pid == 0:  # the worker: default signal handling, its own trio loop
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            mine = {id(s) for s in sets[index]}
-            for other in (s for copy in sets for s in copy if id(s) not in mine):
-                other.close()  # another worker's REUSEPORT socket: not ours to accept on
             status = 1
             try:
-                status = serve(sets[index])
+                status = serve(index)
             finally:
                 os._exit(status)
         log.info("worker %d started (pid %d)", index, pid)
@@ -81,7 +76,7 @@ def run_workers(
     children: dict[int, int] = {}  # pid -> worker index
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    for i in range(len(sets)):
+    for i in range(count):
         children[spawn(i)] = i
     # The parent keeps the sockets (a restarted worker needs them) but never accepts.
     deaths: list[float] = []
@@ -99,6 +94,7 @@ def run_workers(
             status = status or (code if code > 0 else 0)
             continue
         log.error("worker %d (pid %d) died unexpectedly (status %d)", index, pid, code)
+        board.clear(index)
         now = time.monotonic()
         deaths = [t for t in deaths if now - t < RESTART_WINDOW] + [now]
         if len(deaths) > MAX_RESTARTS:
