@@ -44,12 +44,18 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
     return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-#: accept() failures that concern one connection (or none), not the listening socket.
-_RETRY_ACCEPT = frozenset({
-    errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.ETIMEDOUT,
-    errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENONET,
-    errno.EOPNOTSUPP, errno.ENOPROTOOPT,
-})  # fmt: skip
+#: accept() failures that concern one connection (or none), not the listening socket: EAGAIN
+#: (another worker took it) and the ones trio's SocketListener, used before, retried quietly
+#: (EPERM is Linux's answer when a firewall denies the connection).
+_RETRY_ACCEPT = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EAGAIN", "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+        "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 def bind_listen(listen: tuple[str, ...]) -> list[socket.socket]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 from typing import TYPE_CHECKING
@@ -14,7 +16,7 @@ from erofs_nbd_client.negotiate import NegotiationError, negotiate
 from erofs_nbdd.config import Limits, ServerConfig
 from erofs_nbdd.protocol import Cmd, Opt, wire
 from erofs_nbdd.protocol.constants import IHAVEOPT
-from erofs_nbdd.server import Server
+from erofs_nbdd.server import Server, bind_listen
 
 from .helpers import read_all, start_server
 
@@ -181,3 +183,33 @@ async def test_handshake_clients_are_refused_quickly_when_not_negotiating(
     with pytest.raises(NegotiationError):
         await hs.info("escape")
     assert (await hs.info("alias")).size > 0
+
+
+class _DeniedOnce(socket.socket):
+    """A listening socket whose accepts first fail with ``failures``, one each."""
+
+    failures: list[int]
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            code = self.failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        return super().accept()
+
+
+async def test_accept_failures_of_one_connection_are_retried_quietly(
+    nursery: trio.Nursery, images: Path, connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such a failure concerns that connection only: no warning, no back-off, and the next
+    connection is served."""
+    (bound,) = bind_listen(("127.0.0.1:0",))
+    sock = _DeniedOnce(fileno=os.dup(bound.fileno()))
+    bound.close()
+    sock.failures = [errno.EPERM, errno.ECONNABORTED]  # a firewall's denial, an early reset
+    server = Server(ServerConfig(root=images, listen=(), limits=Limits()))
+    (address,) = await nursery.start(server.run, [sock])
+    for _ in range(3):  # the first two accepts fail; these connections still get served
+        await connect(address)
+    await assert_still_serving(address, connect, images)
+    assert not sock.failures
+    assert "accept failed" not in caplog.text
