@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..conftest import require_tool
-from .conftest import start_server_process, stop_server_process
+from .conftest import RunningServer, start_server_process, stop_server_process
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -29,6 +29,14 @@ def copy(uri: str) -> str:
 
 def worker_pids(log: str) -> list[int]:
     return [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", log)]
+
+
+def wait_for_log(server: RunningServer, text: str, count: int) -> None:
+    """Until ``text`` has been logged ``count`` times (bounded: 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.log_text().count(text) < count:
+        time.sleep(0.02)
+    assert server.log_text().count(text) >= count, server.log_text()
 
 
 def test_workers_share_the_load_and_stop_together(images: Path) -> None:
@@ -46,9 +54,7 @@ def test_workers_share_the_load_and_stop_together(images: Path) -> None:
 
         # A worker killed outright is replaced; the server keeps serving.
         os.kill(pids[0], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(worker_pids(server.log_text())) < 3:
-            time.sleep(0.05)
+        wait_for_log(server, " started (pid ", 3)
         assert len(worker_pids(server.log_text())) == 3, server.log_text()
         assert "died unexpectedly" in server.log_text()
         assert copy(server.uri("demo")) == want
@@ -66,15 +72,8 @@ def test_connections_held_at_once_are_spread_evenly(images: Path) -> None:
     """Four connections held open together land two on each worker, every time. (Where the
     kernel hashed connections to workers with SO_REUSEPORT, 2+2 came up 3 times in 8.)"""
     server = start_server_process(images, "--workers", "2")
-
-    def wait_for_log(text: str, count: int) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and server.log_text().count(text) < count:
-            time.sleep(0.02)
-        assert server.log_text().count(text) >= count, server.log_text()
-
     try:
-        wait_for_log("listening on", 2)  # both workers, not just the first
+        wait_for_log(server, "listening on", 2)  # both workers, not just the first
         rounds = []
         for n in range(1, 4):
             socks = []
@@ -85,7 +84,7 @@ def test_connections_held_at_once_are_spread_evenly(images: Path) -> None:
             rounds.append([s.getsockname()[1] for s in socks])
             for sock in socks:
                 sock.close()
-            wait_for_log(" ended=", 4 * n)  # all gone before the next round
+            wait_for_log(server, " ended=", 4 * n)  # all gone before the next round
         worker_of = {
             int(port): pid
             for pid, port in re.findall(r"\[(\d+)\]: #\d+ 127\.0\.0\.1:(\d+) ", server.log_text())

@@ -22,15 +22,16 @@ if TYPE_CHECKING:
 
 
 async def start_workers(
-    nursery: trio.Nursery, images: Path, board: LoadBoard | None, count: int = 2
+    nursery: trio.Nursery, images: Path, board: LoadBoard, count: int = 2
 ) -> tuple[str, list[Server]]:
+    """``count`` servers on one listening socket, seats 0 to count-1 of ``board``."""
     (sock,) = bind_listen(("127.0.0.1:0",))
     address = describe(sock)
     config = ServerConfig(root=images, listen=(address,), limits=Limits())
     servers = []
     for i in range(count):
         mine = socket.socket(fileno=os.dup(sock.fileno()))
-        server = Server(config, board.seat(i) if board else None)
+        server = Server(config, board.seat(i))
         await nursery.start(server.run, [mine])
         servers.append(server)
     sock.close()
