@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-import trio
-
+from . import threads
 from .pagecache import PageCache
 from .protocol import StateFlag
 
@@ -64,9 +63,7 @@ class FileBackend:
         # microsecond, where a thread round-trip costs tens. But it also refuses cached
         # pages that carry a readahead mark, which sequential reads meet all the time; for
         # those, mincore tells whether a plain pread would block. A real miss goes to pread().
-        buf = bytearray(len(head) + length)
-        buf[: len(head)] = head
-        view = memoryview(buf)[len(head) :]
+        buf, view = _reply(head, length)
         if self._nowait:
             try:
                 if os.preadv(self._fd, [view], offset, os.RWF_NOWAIT) == length:
@@ -84,27 +81,29 @@ class FileBackend:
     def file_nowait(self, offset: int, length: int) -> int | None:
         return self._fd if self._cache.resident(offset, length) else None
 
-    def _pread_all(self, head: bytes, offset: int, length: int) -> bytearray:
-        buf = bytearray(len(head) + length)
-        buf[: len(head)] = head
-        view = memoryview(buf)[len(head) :]
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with the bytes at ``offset``, waiting for the disk if need be."""
         done = 0
-        while done < length:
+        while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if not n:
-                missing = length - done
+                missing = len(view) - done
                 raise OSError(5, f"image ends early: {missing} bytes missing at {offset + done}")
             done += n
-        return buf
 
     async def pread(self, head: bytes, offset: int, length: int) -> bytearray:
-        return await trio.to_thread.run_sync(self._pread_all, head, offset, length)
+        # The buffer is made here, by the event loop's thread: made by a worker, it came
+        # from that thread's malloc arena, and the arenas of 32 threads each kept freed
+        # replies (after cold 1 MiB, 128 KiB and 4 KiB reads: 53 MiB RSS, against 37).
+        buf, view = _reply(head, length)
+        await threads.run_sync(self.read_into, view, offset)
+        return buf
 
     async def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return await trio.to_thread.run_sync(self._extents, offset, length)
+        return await threads.run_sync(self._extents, offset, length)
 
     def _extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Data and holes from SEEK_DATA/SEEK_HOLE; a hole reads as zeros."""
@@ -130,3 +129,10 @@ class FileBackend:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _reply(head: bytes, length: int) -> tuple[bytearray, memoryview]:
+    """A reply buffer: ``head``, then room for ``length`` bytes, and a view of that room."""
+    buf = bytearray(len(head) + length)
+    buf[: len(head)] = head
+    return buf, memoryview(buf)[len(head) :]

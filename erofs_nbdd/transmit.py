@@ -135,7 +135,7 @@ class Transmitter:
                     batch.add(reply)
                 elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
                     await self._reserve(req, slots, batch)
-                    nursery.start_soon(self._slow_request, req, slots)
+                    nursery.start_soon(self._slow_request, req, slots, batch)
                 else:  # CACHE and FLUSH: nothing to wait for
                     if req.cmd == Cmd.CACHE:
                         await backend.cache(req.offset, req.length)
@@ -177,7 +177,7 @@ class Transmitter:
                 await budget.acquire(size)
         self.in_flight += 1
 
-    async def _slow_request(self, req: Request, slots: trio.Semaphore) -> None:
+    async def _slow_request(self, req: Request, slots: trio.Semaphore, batch: _Batch) -> None:
         tx = self._tx
         size = req.length if req.cmd == Cmd.READ else 0
         try:
@@ -196,7 +196,16 @@ class Transmitter:
                 log.warning("%s: %s failed at %d: %s", self.peer, req.name, req.offset, exc)
                 self.stats.errors += 1
                 reply = tx.error_reply(req.cookie, Errno.EIO, f"read failed: {exc.strerror}")
-            await self._send(reply, None)
+            if len(reply) >= FILE_REPLY_MIN:
+                await self._send(reply, None)
+            else:
+                # Reads that finish together (the thread pool wakes them in one pass) go
+                # out in one write: add, let the others add theirs, then flush them all.
+                # (A reply another task flushed is released below while still being sent:
+                # small replies only, so the budgets are off by one batch at most.)
+                batch.add(reply)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                await batch.flush()
         finally:
             self.in_flight -= 1
             self._budget.release(size)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pytest
 
-from ..conftest import require_tool
-from .conftest import run
+from ..conftest import mkfs, require_tool
+from .conftest import run, start_server_process, stop_server_process
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -80,6 +81,37 @@ def test_eight_clients_at_once(served: RunningServer, tmp_path: Path) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(copy, range(8))) == [want] * 8
+
+
+def test_nbdcopy_of_an_image_not_in_the_page_cache(tmp_path: Path) -> None:
+    """Every read misses the page cache, so every one takes the thread pool and the
+    replies that finish together are batched: 4 KiB requests, 64 in flight on each of 4
+    connections, must still each get their own bytes."""
+    nbdcopy = require_tool("nbdcopy")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(8 << 20))
+    root = tmp_path / "images"
+    image = mkfs(root / "cold.erofs", tree)
+    server = start_server_process(root)
+    try:
+        for attempt in range(2):
+            fd = os.open(image, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            out = tmp_path / f"copy{attempt}"
+            run(
+                nbdcopy, "--connections=4", "--requests=64", "--request-size=4096",
+                server.uri("cold"), str(out),
+            )  # fmt: skip
+            assert sha256(out) == sha256(image)
+    finally:
+        status = stop_server_process(server)
+    text = server.log_text()
+    assert status == 0, text
+    assert "WARNING" not in text and "Traceback" not in text, text
 
 
 NBDSH_SCRIPT = textwrap.dedent(

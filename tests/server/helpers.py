@@ -12,6 +12,8 @@ from erofs_nbdd.server import serve
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from erofs_nbd_client.negotiate import Session
+
 
 async def start_server(
     nursery: trio.Nursery, root: Path, *, limits: Limits | None = None, **kw: object
@@ -33,3 +35,8 @@ async def read_all(stream: trio.abc.ReceiveStream, limit: float = 5) -> bytes:
         while chunk := await stream.receive_some(65536):
             out += chunk
     return bytes(out)
+
+
+async def check_read(session: Session, data: bytes, offset: int, length: int) -> None:
+    """One read through ``session`` returns ``data``'s bytes there."""
+    assert await session.pread(offset, length) == data[offset : offset + length]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from erofs_nbd_client.negotiate import Session, negotiate
+from erofs_nbd_client.negotiate import negotiate
 from erofs_nbdd import pagecache
 from erofs_nbdd.backends import FileBackend
 from erofs_nbdd.exports import ExportDirectory
@@ -27,7 +27,7 @@ from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
 from erofs_nbdd.transmit import FILE_REPLY_MIN
 
 from ..conftest import mkfs
-from .helpers import start_server
+from .helpers import check_read, start_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -171,7 +171,7 @@ async def test_cached_large_reads_go_by_sendfile_and_evicted_ones_do_not(
         async with trio.open_nursery() as readers:
             for i in range(40):
                 offset, length = (i * 65536, 4096) if i % 2 else (i * 131072, 131072)
-                readers.start_soon(_check, session, data, offset, length)
+                readers.start_soon(check_read, session, data, offset, length)
         assert sum(n for _, n in sendfile_calls) == 20 * 131072  # the large ones only
     # Evicted: the read must not stall the event loop on the disk, so it takes a thread.
     sendfile_calls.clear()
@@ -179,10 +179,6 @@ async def test_cached_large_reads_go_by_sendfile_and_evicted_ones_do_not(
     assert await session.pread(1 << 20, 2 << 20) == data[1 << 20 : 3 << 20]
     assert sendfile_calls == []
     await session.disconnect()
-
-
-async def _check(session: Session, data: bytes, offset: int, length: int) -> None:
-    assert await session.pread(offset, length) == data[offset : offset + length]
 
 
 async def test_tls_reads_are_encrypted_here_not_sent_from_the_file(
@@ -235,8 +231,14 @@ def test_cached_reads_are_answered_without_a_thread_and_misses_are_not(
     try:
         backend._nowait = nowait  # as on a file system without RWF_NOWAIT
         _evict(path)
-        assert backend.pread_nowait(b"HEAD", 0, 64 * PAGE) is None  # would block: a thread's
-        assert backend.file_nowait(0, 64 * PAGE) is None
+        assert backend.file_nowait(0, 64 * PAGE) is None  # would block: a thread's
+        got = backend.pread_nowait(b"HEAD", 0, 64 * PAGE)
+        if nowait and got is not None:
+            # RWF_NOWAIT refused, but started reading the pages in, and mincore then found
+            # them read already (a fast disk; seen once in a full run): cached by then.
+            assert bytes(got) == b"HEAD" + data[: 64 * PAGE]
+        else:
+            assert got is None
         os.pread(backend._fd, 128 * PAGE, 0)
         got = backend.pread_nowait(b"HEAD", 4096, 64 * PAGE)
         assert got is not None
