@@ -82,20 +82,34 @@ def make_pki(out: Path) -> tuple[Path, list[str]]:
     return pki, prefix
 
 
-def warm(image: Path) -> float:
-    """Read the image into the page cache (these VMs reclaim idle cache); returns the
-    resident share before, as fincore reports it."""
-    resident = -1.0
+def resident_share(image: Path) -> float:
+    """How much of the image is in the page cache, as fincore reports it (-1: unknown)."""
     try:
         out = subprocess.run(["fincore", "-nb", "-o", "RES,SIZE", str(image)],
                              capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-        resident = int(out[0]) / max(1, int(out[1]))
+        return int(out[0]) / max(1, int(out[1]))
     except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
-        pass
+        return -1.0
+
+
+def warm(image: Path) -> float:
+    """Read the image into the page cache (these VMs reclaim idle cache); returns the
+    resident share before."""
+    resident = resident_share(image)
     with image.open("rb") as f:
         while f.read(8 << 20):
             pass
     return resident
+
+
+def evict(image: Path) -> float:
+    """Drop the image from the page cache; returns the resident share after."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident_share(image)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             for w in workloads:
                 order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
                 for server in order:
-                    resident = warm(image)
+                    resident = evict(image) if w.cold else warm(image)
                     cpu0 = server.cpu_seconds()
                     t0 = time.monotonic()
                     uri = server.uri()

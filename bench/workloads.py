@@ -27,6 +27,9 @@ class Workload:
     bs: str = ""
     iodepth: int = 1
     numjobs: int = 1
+    #: Run with the image dropped from the page cache, not read into it: every read starts
+    #: at the disk, as for an image no client has read since the server's machine booted.
+    cold: bool = False
 
 
 WORKLOADS = {
@@ -36,6 +39,9 @@ WORKLOADS = {
         Workload("rand4k_qd1", "rand 4k QD1 (IOPS)", "fio", "randread", "4k", 1),
         Workload("rand4k_qd32", "rand 4k QD32 (IOPS)", "fio", "randread", "4k", 32),
         Workload("rand4k_qd32_j2", "rand 4k QD32 x2 conn (IOPS)", "fio", "randread", "4k", 32, 2),
+        Workload(
+            "rand4k_qd32_cold", "rand 4k QD32 cold (IOPS)", "fio", "randread", "4k", 32, cold=True
+        ),
         Workload("nbdcopy", "nbdcopy (MiB/s)", "nbdcopy"),
     )
 }
