@@ -44,6 +44,25 @@ def mkfs(image: Path, source: Path, *extra: str) -> Path:
     return image
 
 
+def random_image(root: Path, name: str, size: int) -> Path:
+    """``root/name.erofs``: an uncompressed image holding one file of ``size`` random bytes
+    (its source tree is built beside ``root``)."""
+    tree = root.parent / f"{name}-tree"
+    tree.mkdir()
+    (tree / "blob").write_bytes(os.urandom(size))
+    return mkfs(root / f"{name}.erofs", tree)
+
+
+def evict(path: Path) -> None:
+    """Drop the file's clean pages from the page cache (a real eviction, on ext4)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="session")
 def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tree")

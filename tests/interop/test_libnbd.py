@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pytest
 
-from ..conftest import mkfs, require_tool
+from ..conftest import evict, random_image, require_tool
 from .conftest import run, start_server_process, stop_server_process
 
 if TYPE_CHECKING:
@@ -88,19 +87,12 @@ def test_nbdcopy_of_an_image_not_in_the_page_cache(tmp_path: Path) -> None:
     replies that finish together are batched: 4 KiB requests, 64 in flight on each of 4
     connections, must still each get their own bytes."""
     nbdcopy = require_tool("nbdcopy")
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "blob").write_bytes(os.urandom(8 << 20))
     root = tmp_path / "images"
-    image = mkfs(root / "cold.erofs", tree)
+    image = random_image(root, "cold", 8 << 20)
     server = start_server_process(root)
     try:
         for attempt in range(2):
-            fd = os.open(image, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(image)
             out = tmp_path / f"copy{attempt}"
             run(
                 nbdcopy, "--connections=4", "--requests=64", "--request-size=4096",

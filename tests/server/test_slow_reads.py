@@ -14,7 +14,7 @@ from erofs_nbdd.connection import Connection
 from erofs_nbdd.faststream import FastSocketStream
 from erofs_nbdd.transmit import FILE_REPLY_MIN
 
-from ..conftest import mkfs
+from ..conftest import random_image
 from .helpers import check_read, start_server
 
 if TYPE_CHECKING:
@@ -56,11 +56,8 @@ def storage(monkeypatch: pytest.MonkeyPatch) -> HeldStorage:
 
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "blob").write_bytes(os.urandom(2 << 20))
     root = tmp_path / "images"
-    mkfs(root / "img.erofs", tree)
+    random_image(root, "img", 2 << 20)
     return root
 
 

@@ -26,23 +26,13 @@ from erofs_nbdd.pagecache import PAGE, PageCache
 from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
 from erofs_nbdd.transmit import FILE_REPLY_MIN
 
-from ..conftest import mkfs
+from ..conftest import evict, random_image
 from .helpers import check_read, start_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .conftest import Connect
-
-
-def _evict(path: Path) -> None:
-    """Drop the file's clean pages from the page cache (a real eviction, on ext4)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -74,11 +64,8 @@ def _pinned(path: Path) -> Iterator[bytes]:
 @pytest.fixture
 def big_image(tmp_path: Path) -> Path:
     """An export directory holding one 8 MiB image of random bytes, written and synced."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "blob").write_bytes(os.urandom(8 << 20))
     root = tmp_path / "images"
-    mkfs(root / "big.erofs", tree)
+    random_image(root, "big", 8 << 20)
     return root
 
 
@@ -107,7 +94,7 @@ def test_page_cache_residency_follows_the_kernel(tmp_path: Path) -> None:
         os.pread(fd, 64 * PAGE, 0)
         assert cache.resident(0, 64 * PAGE)
         assert cache.resident(100, 5000)  # unaligned ranges round out to pages
-        _evict(path)
+        evict(path)
         assert not cache.resident(0, PAGE)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what we read
         os.pread(fd, 16 * PAGE, 0)
@@ -133,7 +120,7 @@ def test_a_file_whose_cache_linux_hides_counts_as_absent(tmp_path: Path) -> None
     fd = os.open(path, os.O_RDONLY)
     try:
         as_root = PageCache(fd, 16 * PAGE)
-        _evict(path)
+        evict(path)
         assert not as_root.resident(0, 16 * PAGE)
         os.seteuid(65534)  # nobody: may read the file, neither owns nor may write it
         try:
@@ -175,7 +162,7 @@ async def test_cached_large_reads_go_by_sendfile_and_evicted_ones_do_not(
         assert sum(n for _, n in sendfile_calls) == 20 * 131072  # the large ones only
     # Evicted: the read must not stall the event loop on the disk, so it takes a thread.
     sendfile_calls.clear()
-    _evict(image)
+    evict(image)
     assert await session.pread(1 << 20, 2 << 20) == data[1 << 20 : 3 << 20]
     assert sendfile_calls == []
     await session.disconnect()
@@ -230,7 +217,7 @@ def test_cached_reads_are_answered_without_a_thread_and_misses_are_not(
     backend = FileBackend(path, preferred_block=4096, max_payload=32 << 20)
     try:
         backend._nowait = nowait  # as on a file system without RWF_NOWAIT
-        _evict(path)
+        evict(path)
         assert backend.file_nowait(0, 64 * PAGE) is None  # would block: a thread's
         got = backend.pread_nowait(b"HEAD", 0, 64 * PAGE)
         if nowait and got is not None:
