@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the listening sockets; server-wide limits are split "
         "between them (default 1)",
     )  # fmt: skip
+    s.add_argument(
+        "--io-uring", choices=["auto", "off"], default="auto",
+        help="auto: read what misses the page cache through io_uring where the kernel allows "
+        "it; off: on threads",
+    )  # fmt: skip
     lim = s.add_argument_group("limits", "what one client may cost the server (README: Limits)")
     for flag, field, help_text in LIMIT_FLAGS:
         default = getattr(Limits, field)
@@ -172,6 +177,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         limits=limits,
         verbose=args.verbose,
         busy_poll_us=args.busy_poll,
+        io_uring=args.io_uring == "auto",
     )
 
 

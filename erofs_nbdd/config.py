@@ -59,3 +59,6 @@ class ServerConfig:
     #: epoll: a client at queue depth 1 usually sends it within tens of microseconds, and
     #: catching it awake saves a scheduler round trip (about 30 us of its latency here).
     busy_poll_us: int = 30
+    #: Read what misses the page cache through io_uring where the kernel allows it (else,
+    #: and with False, on threads): the event loop then only queues reads and collects them.
+    io_uring: bool = True

@@ -97,7 +97,7 @@ class Connection:
         # The reply timeout lives in the socket stream, so a timer exists only while a send
         # is blocked (and covers TLS, whose records go through the same socket).
         self._socket = stream if isinstance(stream, FastSocketStream) else None
-        #: --busy-poll in seconds: while no read of this connection is on a thread, a receive
+        #: --busy-poll in seconds: while no read of this connection waits for storage, a receive
         #: retries this long before sleeping (TLS reads go through the socket too).
         self._spin = config.busy_poll_us / 1e6
         if self._socket is not None:
@@ -141,8 +141,8 @@ class Connection:
             return None
         waiting = self._tx is not None and self._tx.in_flight > 0
         if self._socket is not None:
-            # No spin while a read is on a thread: the spin keeps taking the GIL that the
-            # thread needs to hand its result back (cold 4 KiB reads at QD1: 450 us, not 380).
+            # No spin while a read waits for storage: the spin would delay its result (on a
+            # thread, it kept the GIL from it: cold 4 KiB reads at QD1 took 450 us, not 380).
             self._socket.spin = 0.0 if waiting else self._spin
         if self._socket is not None and self.stream is self._socket:  # plaintext: try first
             try:
@@ -306,6 +306,7 @@ class Connection:
             export.path,
             preferred_block=max(512, export.superblock.block_size),
             max_payload=self.limits.max_payload,
+            io_uring=self.config.io_uring,
         )
 
     async def _info(self, event: InfoOption) -> None:

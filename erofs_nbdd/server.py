@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import ktls
+from . import ktls, uring
 from .balance import DEFER, POLL
 from .budget import ByteBudget
 from .connection import Connection
@@ -136,6 +136,7 @@ class Server:
         addresses = [describe(s) for s in sockets]
         log.info("listening on %s (pid %d)", ", ".join(addresses), os.getpid())
         self._log_tls()
+        self._log_reads()
         # per connection: its socket, its image, and with kernel TLS a duplicate socket
         per = 3 if self.ssl_context is not None and ktls.enabled(self.ssl_context) else 2
         wanted = per * config.limits.max_connections + 64
@@ -166,6 +167,16 @@ class Server:
                 "kernel TLS unavailable (no tls module: `modprobe tls` as root, or a kernel "
                 "without CONFIG_TLS): replies are encrypted in this process"
             )
+
+    def _log_reads(self) -> None:
+        if not self.config.io_uring:
+            log.info("reads that miss the page cache go to threads (--io-uring off)")
+        elif (refused := uring.refusal()) is not None:
+            log.info(
+                "io_uring unavailable (%s): reads that miss the page cache use threads", refused
+            )
+        else:
+            log.info("reads that miss the page cache go through io_uring")
 
     async def _accept(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         """Take connections from one listening socket until cancelled, then close it."""

@@ -2,7 +2,7 @@
 
 Cached reads are answered inline: small ones copied and batched into one write, large ones
 handed to the stream as file ranges (the kernel sends them straight from the page cache on
-plaintext and kernel TLS). Reads that would block go to worker threads, at most
+plaintext and kernel TLS). Reads that would block go to io_uring (or worker threads), at most
 ``max_in_flight`` at once and within the byte budgets of the connection and the server, so
 a client cannot queue unbounded work or pin unbounded memory.
 """
@@ -199,12 +199,14 @@ class Transmitter:
             if len(reply) >= FILE_REPLY_MIN:
                 await self._send(reply, None)
             else:
-                # Reads that finish together (the thread pool wakes them in one pass) go
-                # out in one write: add, let the others add theirs, then flush them all.
+                # Reads that finish together (io_uring and the thread pool both wake them
+                # in one pass) go out in one write: add, let the others add theirs, then
+                # flush them all.
                 # (A reply another task flushed is released below while still being sent:
                 # small replies only, so the budgets are off by one batch at most.)
                 batch.add(reply)
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if self.in_flight > 1:  # else no other read can add its reply: flush now
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 await batch.flush()
         finally:
             self.in_flight -= 1

@@ -53,11 +53,14 @@ async def ensure_kernel_support() -> str:
     forced = os.environ.get("EROFS_NBD_FORCE_IOCTL") == "1"  # tests of the old path
     if not forced and await trio.to_thread.run_sync(netlink.family_available):
         return "netlink"
-    result = await trio.run_process(["modprobe", "nbd"], check=False, capture_stderr=True)
+    try:
+        result = await trio.run_process(["modprobe", "nbd"], check=False, capture_stderr=True)
+        detail = result.stderr.decode(errors="replace").strip()
+    except FileNotFoundError:
+        detail = "no modprobe here: install kmod"
     if not forced and await trio.to_thread.run_sync(netlink.family_available):
         return "netlink"
     if not os.path.exists("/dev/nbd0"):
-        detail = result.stderr.decode(errors="replace").strip()
         raise AttachError(
             ExitStatus.NO_KERNEL_SUPPORT,
             "the kernel has no NBD driver: install or build the 'nbd' module "

@@ -90,10 +90,10 @@ def test_parse_device(text: str, index: int | None) -> None:
     assert devices.parse_device(text) == index
 
 
-def attach_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def attach_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "erofs_nbd_client", *args], capture_output=True, text=True,
-        timeout=120,
+        timeout=120, env=env,
     )  # fmt: skip
 
 
@@ -107,19 +107,24 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert result.returncode == ExitStatus.USAGE
 
 
-def test_no_nbd_driver_is_named(images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("modprobe", [True, False], ids=["modprobe", "no-modprobe"])
+def test_no_nbd_driver_is_named(images: Path, tmp_path: Path, modprobe: bool) -> None:
     """On this host (no nbd module): a clear error naming the module, before any socket
-    reaches the kernel, and nothing left behind."""
+    reaches the kernel, and nothing left behind; also where modprobe itself is missing (a
+    minimal container: no kmod)."""
     if os.geteuid() != 0 or os.path.exists("/dev/nbd0"):
         pytest.fail("needs root on a host without the NBD driver (as ./setup.sh test runs)")
+    env = None if modprobe else {**os.environ, "PATH": str(tmp_path / "empty")}
     server = start_server_process(images)
     try:
-        result = attach_cli(server.uri("demo"), str(tmp_path))
+        result = attach_cli(server.uri("demo"), str(tmp_path), env=env)
     finally:
         assert stop_server_process(server) == 0
     assert result.returncode == ExitStatus.NO_KERNEL_SUPPORT, result.stderr
     assert "nbd" in result.stderr
     assert "modprobe" in result.stderr
+    if not modprobe:
+        assert "install kmod" in result.stderr, result.stderr
     assert not os.path.ismount(tmp_path)
 
 

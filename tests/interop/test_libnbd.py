@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from erofs_nbdd import uring
+
 from ..conftest import evict, random_image, require_tool
 from .conftest import run, start_server_process, stop_server_process
 
@@ -82,14 +84,15 @@ def test_eight_clients_at_once(served: RunningServer, tmp_path: Path) -> None:
         assert list(pool.map(copy, range(8))) == [want] * 8
 
 
-def test_nbdcopy_of_an_image_not_in_the_page_cache(tmp_path: Path) -> None:
-    """Every read misses the page cache, so every one takes the thread pool and the
-    replies that finish together are batched: 4 KiB requests, 64 in flight on each of 4
-    connections, must still each get their own bytes."""
+@pytest.mark.parametrize("io_uring", ["auto", "off"])
+def test_nbdcopy_of_an_image_not_in_the_page_cache(tmp_path: Path, io_uring: str) -> None:
+    """Every read misses the page cache, so every one goes through io_uring (or, with it
+    off, the thread pool, whose replies that finish together are batched): 4 KiB requests,
+    64 in flight on each of 4 connections, must still each get their own bytes."""
     nbdcopy = require_tool("nbdcopy")
     root = tmp_path / "images"
     image = random_image(root, "cold", 8 << 20)
-    server = start_server_process(root)
+    server = start_server_process(root, "--io-uring", io_uring)
     try:
         for attempt in range(2):
             evict(image)
@@ -104,6 +107,13 @@ def test_nbdcopy_of_an_image_not_in_the_page_cache(tmp_path: Path) -> None:
     text = server.log_text()
     assert status == 0, text
     assert "WARNING" not in text and "Traceback" not in text, text
+    if io_uring == "off":
+        said = "reads that miss the page cache go to threads (--io-uring off)"
+    elif uring.refusal() is None:
+        said = "reads that miss the page cache go through io_uring"
+    else:
+        said = f"io_uring unavailable ({uring.refusal()})"
+    assert said in text, text
 
 
 NBDSH_SCRIPT = textwrap.dedent(

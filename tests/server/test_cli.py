@@ -109,6 +109,13 @@ def test_limits_reach_the_config(tmp_path: Path) -> None:
     assert limits.max_connections == 1024  # untouched defaults stay
 
 
+@pytest.mark.parametrize(("flag", "io_uring"), [([], True), (["--io-uring", "off"], False)])
+def test_io_uring_reaches_the_config(tmp_path: Path, flag: list[str], io_uring: bool) -> None:
+    from erofs_nbdd.cli import _config, build_parser
+
+    assert _config(build_parser().parse_args(["serve", str(tmp_path), *flag])).io_uring is io_uring
+
+
 def test_busy_poll_and_workers_are_checked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
