@@ -84,15 +84,20 @@ def test_eight_clients_at_once(served: RunningServer, tmp_path: Path) -> None:
         assert list(pool.map(copy, range(8))) == [want] * 8
 
 
-@pytest.mark.parametrize("io_uring", ["auto", "off"])
-def test_nbdcopy_of_an_image_not_in_the_page_cache(tmp_path: Path, io_uring: str) -> None:
+@pytest.mark.parametrize(
+    ("io_uring", "workers"), [("auto", "1"), ("off", "1"), ("auto", "2")], ids=str
+)
+def test_nbdcopy_of_an_image_not_in_the_page_cache(
+    tmp_path: Path, io_uring: str, workers: str
+) -> None:
     """Every read misses the page cache, so every one goes through io_uring (or, with it
     off, the thread pool, whose replies that finish together are batched): 4 KiB requests,
-    64 in flight on each of 4 connections, must still each get their own bytes."""
+    64 in flight on each of 4 connections, must still each get their own bytes. With two
+    worker processes, the worker that serves them starts its own ring after the fork."""
     nbdcopy = require_tool("nbdcopy")
     root = tmp_path / "images"
     image = random_image(root, "cold", 8 << 20)
-    server = start_server_process(root, "--io-uring", io_uring)
+    server = start_server_process(root, "--io-uring", io_uring, "--workers", workers)
     try:
         for attempt in range(2):
             evict(image)
