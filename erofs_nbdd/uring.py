@@ -87,7 +87,7 @@ def _check(result: int) -> int:
 class Ring:
     """One io_uring instance that reads files: no trio in here, so tests can drive it."""
 
-    def __init__(self, entries: int = ENTRIES) -> None:
+    def __init__(self, entries: int) -> None:
         if platform.machine() not in ("x86_64", "AMD64"):
             raise OSError(errno.ENOTSUP, "the rings are read without barriers: x86-64 only")
         params = _Params()
