@@ -135,8 +135,10 @@ class _Completions:
 _COMPLETIONS: trio.lowlevel.RunVar[_Completions] = trio.lowlevel.RunVar("erofs_nbdd_completions")
 
 
-def _no_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED  # a call runs to its end; a cancellation waits for it
+def no_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+    """For ``wait_task_rescheduled`` where the work runs to its end (a thread's call, or
+    the kernel writing into a buffer): a cancellation waits for it."""
+    return trio.lowlevel.Abort.FAILED
 
 
 async def run_sync(fn: Callable[..., T], *args: object) -> T:
@@ -150,4 +152,4 @@ async def run_sync(fn: Callable[..., T], *args: object) -> T:
         _COMPLETIONS.set(completions)
     task = trio.lowlevel.current_task()
     _threads.submit(lambda: fn(*args), lambda result: completions.finish(task, result))
-    return await trio.lowlevel.wait_task_rescheduled(_no_abort)  # type: ignore[no-any-return]
+    return await trio.lowlevel.wait_task_rescheduled(no_abort)  # type: ignore[no-any-return]

@@ -177,17 +177,17 @@ class _Reader:
         except trio.WouldBlock:
             await self._free.acquire()
         try:
-            key = self._next = self._next + 1
-            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-            if self.broken is None:
+            if self.broken is None:  # (it may have broken while this read waited)
+                key = self._next = self._next + 1
+                address = ctypes.addressof(ctypes.c_char.from_buffer(view))
                 try:
                     self._ring.read(fd, address, len(view), offset, key)
                 except OSError as exc:
-                    self._refused(exc)
+                    self._not_taken(exc)
                 else:
                     self._waiting[key] = trio.lowlevel.current_task()
                     # The kernel writes into ``view`` until the result is in: no abandoning it.
-                    result: int = await trio.lowlevel.wait_task_rescheduled(_no_abort)
+                    result: int = await trio.lowlevel.wait_task_rescheduled(threads.no_abort)
                     if result < 0:
                         raise OSError(-result, os.strerror(-result))
                     return result
@@ -195,7 +195,7 @@ class _Reader:
             self._free.release()
         return await threads.run_sync(os.preadv, fd, [view], offset)
 
-    def _refused(self, exc: OSError) -> None:
+    def _not_taken(self, exc: OSError) -> None:
         """The ring did not take a read: that one goes to a thread, and if the kernel is
         not just short of memory for the moment, every later one too."""
         if exc.errno not in (errno.EAGAIN, errno.EBUSY, errno.EINTR):
@@ -212,10 +212,6 @@ class _Reader:
                     reschedule(waiting.pop(key), outcome.Value(result))
         finally:
             ring.close()
-
-
-def _no_abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.FAILED
 
 
 _READER: trio.lowlevel.RunVar[_Reader | None] = trio.lowlevel.RunVar("erofs_nbdd_uring")
