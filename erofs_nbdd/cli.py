@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "large reads go out by sendfile; off: always encrypt in this process",
     )  # fmt: skip
     t.add_argument(
+        "--tls-seal", choices=["auto", "openssl"], default="auto",
+        help="in this process, auto: TLS 1.3 records of replies are sealed by erofs-nbdd "
+        "(AES-GCM or ChaCha20-Poly1305 from the cryptography package), the rest by OpenSSL; "
+        "openssl: OpenSSL seals every record",
+    )  # fmt: skip
+    t.add_argument(
         "--tls-allow", action="append", default=[], metavar="EXPORT=CN[,CN...]",
         help="only these client certificate names may use EXPORT (a name or a pattern such as "
         "team/*); repeatable; needs --tls-verify-peer",
@@ -167,6 +173,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         verify_peer=args.tls_verify_peer,
         allow=tuple(parse_allow(a) for a in args.tls_allow),
         kernel=args.tls_kernel == "auto",
+        seal=args.tls_seal == "auto",
     )
     tls.check()
     return ServerConfig(

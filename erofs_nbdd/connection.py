@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from .config import ServerConfig
     from .exports import Export, ExportDirectory
+    from .keylog import KeyLog
 
 log = logging.getLogger("erofs_nbdd.connection")
 
@@ -73,9 +74,11 @@ class Connection:
         exports: ExportDirectory,
         ssl_context: ssl.SSLContext | None = None,
         server_budget: ByteBudget | None = None,
+        keys: KeyLog | None = None,
     ) -> None:
         self.stream = stream
         self.ssl_context = ssl_context
+        self._keys = keys
         self.tls = config.tls
         self._client_name: str | None = None
         self.peer = peer
@@ -293,7 +296,7 @@ class Connection:
                 return KernelTLSStream(self._socket, context)
             except OSError as exc:  # no descriptor to spare: TLS in this process, as before
                 log.warning("%s: kernel TLS not used: %s", self.peer, exc)
-        return TLSStream(self.stream, context, server_side=True)
+        return TLSStream(self.stream, context, server_side=True, keys=self._keys)
 
     def _flags(self) -> int:
         flags = BASE_FLAGS

@@ -18,6 +18,7 @@ from .budget import ByteBudget
 from .connection import Connection
 from .exports import ExportDirectory
 from .faststream import FastSocketStream
+from .keylog import KeyLog
 from .listen import bind, close_all, describe, parse_listen
 from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused
 from .protocol import ProtocolError
@@ -103,6 +104,8 @@ class Server:
         self.budget = ByteBudget(config.limits.max_server_buffer)
         config.tls.check()
         self.ssl_context = None
+        #: This process's TLS secrets, when it seals TLS 1.3 records itself (records.py).
+        self.keys: KeyLog | None = None
         if config.tls.mode is not TLSMode.OFF:
             assert config.tls.cert_dir is not None
             self.ssl_context = server_context(
@@ -110,6 +113,11 @@ class Server:
             )
             if config.tls.kernel and ktls.available():
                 ktls.enable(self.ssl_context)
+            elif config.tls.seal:
+                try:
+                    self.keys = KeyLog(self.ssl_context)
+                except OSError as exc:
+                    log.warning("TLS records will be sealed by OpenSSL: %s", exc)
         self._accepting = trio.CancelScope()
         self._grace = trio.CancelScope()
         self._next_id = 0
@@ -167,6 +175,11 @@ class Server:
                 "kernel TLS unavailable (no tls module: `modprobe tls` as root, or a kernel "
                 "without CONFIG_TLS): replies are encrypted in this process"
             )
+        if not ktls.enabled(self.ssl_context):
+            by = "erofs-nbdd" if self.keys else "OpenSSL"
+            if not self.config.tls.seal:
+                by += " (--tls-seal openssl)"
+            log.info("TLS 1.3 records of replies are sealed by %s", by)
 
     def _log_reads(self) -> None:
         if not self.config.io_uring:
@@ -237,6 +250,7 @@ class Server:
         conn = Connection(
             FastSocketStream(stream),
             peer, self.config, self.exports, self.ssl_context, server_budget=self.budget,
+            keys=self.keys,
         )  # fmt: skip
         self.connections.add(conn)
         start = time.monotonic()

@@ -139,6 +139,8 @@ class TLSConfig:
     allow: tuple[AllowRule, ...] = field(default_factory=tuple)
     #: Hand the session keys to the kernel when it can take them (see ktls.py).
     kernel: bool = True
+    #: Otherwise seal TLS 1.3 records of replies here, not in OpenSSL (see records.py).
+    seal: bool = True
 
     def restricted(self, export: str) -> frozenset[str] | None:
         """The client names that may use ``export``; None when anyone may."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -42,14 +43,17 @@ class RunningServer:
         raise AssertionError("no VmRSS line")
 
 
-def start_server_process(root: Path, *args: str, listen: str = "127.0.0.1:0") -> RunningServer:
-    """``python -m erofs_nbdd serve`` (a free loopback port by default); waits until it
-    listens."""
+def start_server_process(
+    root: Path, *args: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None
+) -> RunningServer:
+    """``python -m erofs_nbdd serve`` (a free loopback port by default), with ``env`` added
+    to the environment; waits until it listens."""
     process = subprocess.Popen(
         [sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", listen, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert process.stderr is not None
     lines: list[str] = []

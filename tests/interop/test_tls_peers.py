@@ -87,6 +87,50 @@ def test_nbdcopy_over_tls(tls_server: tuple[str, RunningServer], certs: Path) ->
     assert hashlib.sha256(out.read_bytes()).hexdigest() == want
 
 
+OPENSSL_CONF = """openssl_conf = conf
+[conf]
+ssl_conf = ssl
+[ssl]
+system_default = tls
+[tls]
+Ciphersuites = {suite}
+"""
+
+
+@pytest.mark.parametrize(
+    ("suite", "seal"),
+    [
+        ("TLS_AES_128_GCM_SHA256", "auto"),
+        ("TLS_AES_256_GCM_SHA384", "auto"),
+        ("TLS_CHACHA20_POLY1305_SHA256", "auto"),
+        ("TLS_AES_256_GCM_SHA384", "openssl"),
+    ],
+)
+def test_nbdcopy_over_each_tls13_suite(
+    images: Path, certs: Path, tmp_path: Path, suite: str, seal: str
+) -> None:
+    """Each TLS 1.3 suite OpenSSL offers by default (chosen here by an OpenSSL config in
+    the server's environment), with records sealed by the server itself and, for one, by
+    OpenSSL: GnuTLS (nbdcopy) opens every record and the copy matches the image."""
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(OPENSSL_CONF.format(suite=suite))
+    server = start_server_process(
+        images, "--tls", "require", "--tls-certificates", str(certs), "--tls-kernel", "off",
+        "--tls-seal", seal, env={"OPENSSL_CONF": str(conf)},
+    )  # fmt: skip
+    try:
+        out = tmp_path / "copy"
+        run(require_tool("nbdcopy"), nbds(server, "team/app-v2", certs / "clients/alice"), str(out))
+    finally:
+        assert stop_server_process(server) == 0
+    want = hashlib.sha256((server.root / "team/app-v2.erofs").read_bytes()).hexdigest()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == want
+    sealed = f"tls=TLSv1.3/{suite}+sealed"
+    assert (sealed in server.log_text()) == (seal == "auto"), server.log_text()
+    assert ("records of replies are sealed by erofs-nbdd" in server.log_text()) == (seal == "auto")
+    assert f"tls=TLSv1.3/{suite}" in server.log_text()
+
+
 def test_qemu_img_info_over_tls(tls_server: tuple[str, RunningServer], certs: Path) -> None:
     _, server = tls_server
     host, _, port = server.address.rpartition(":")

@@ -204,18 +204,19 @@ def test_kernel_tls_needs_openssls_option() -> None:
     assert ctx.options & 8  # SSL_OP_ENABLE_KTLS in OpenSSL 3
 
 
-@pytest.fixture(params=[False, True], ids=["memory-bio", "openssl-socket"])
+@pytest.fixture(params=["sealed", "memory-bio", "openssl-socket"])
 async def in_process_tls_server(
     request: pytest.FixtureRequest,
     nursery: trio.Nursery,
     images: Path,
     made_certs: Path,
 ) -> str:
-    """A TLS server's address, on each path where OpenSSL encrypts in this process: to a
-    memory BIO, and on the socket (told the kernel has TLS, which this host refuses)."""
-    if request.param:
+    """A TLS server's address, on each path where this process encrypts: records sealed by
+    the server itself (records.py), by OpenSSL to a memory BIO, and by OpenSSL on the socket
+    (told the kernel has TLS, which this host refuses)."""
+    if request.param == "openssl-socket":
         request.getfixturevalue("kernel_tls_claimed")
-    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs, seal=request.param == "sealed")
     return await start_server(nursery, images, tls=tls)
 
 

@@ -320,19 +320,25 @@ class _CountingStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def test_tls_replies_are_encrypted_in_slices_of_whole_records(pki: PKI) -> None:
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "openssl"])
+async def test_tls_replies_are_encrypted_in_slices_of_whole_records(pki: PKI, sealed: bool) -> None:
     """A 256 KiB read reply plus its header is one slice and one write, not a second write
     carrying a 16-byte record; a 1 MiB reply is four, and 65 records: every record full but
-    the last, so the client has no short record to read on its own."""
+    the last, so the client has no short record to read on its own. The same whether the
+    server seals the records itself (records.py) or OpenSSL does."""
+    from erofs_nbdd.keylog import KeyLog
     from erofs_nbdd.tlsstream import RECORD, SEND_SLICE, TLSStream
 
     a, b = trio.testing.memory_stream_pair()
     counted = _CountingStream(a)
-    server = TLSStream(counted, server_context(pki.server_dir), server_side=True)
+    context = server_context(pki.server_dir)
+    keys = KeyLog(context) if sealed else None
+    server = TLSStream(counted, context, server_side=True, keys=keys)
     client = TLSStream(b, client_context(pki.alice), server_hostname="localhost")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
+    assert (server.sealer is not None) == sealed
     cases = [(16, 1), (SEND_SLICE + 16, 1), (4 * SEND_SLICE + 16, 4), (600_000, 2), (0, 0)]
     for size, writes in cases:
         counted.writes.clear()
