@@ -255,7 +255,7 @@ class TLSStream(TLSSession, trio.abc.Stream):
                     self._eof = True
                 except ssl.SSLError as exc:
                     raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-                if self.sealer is not None and chunks:
+                if self.sealer is not None and chunks and not self._eof:
                     # OpenSSL answers a KeyUpdate that asks for one on its next write,
                     # and it makes none of its own now: an empty write lets it out.
                     try:
