@@ -227,9 +227,9 @@ class TLSStream(TLSSession, trio.abc.Stream):
             except ssl.SSLError as exc:
                 await self._flush_quietly()  # let the peer see our alert
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
-            await self._flush()
             if self._keys is not None:
-                self._take_over()
+                self._take_over()  # before the flush: it looks at what OpenSSL just wrote
+            await self._flush()
             return
 
     async def _flush_quietly(self) -> None:

@@ -96,6 +96,29 @@ async def test_a_file_that_ends_early_is_named(made_certs: Path, tmp_path: Path)
         os.close(fd)
 
 
+async def test_records_openssl_wrote_after_the_handshake_leave_sealing_to_it(
+    made_certs: Path,
+) -> None:
+    """Had OpenSSL written records after the handshake (session tickets, which the
+    server's context turns off), their sequence numbers are OpenSSL's: sealing from 0 would
+    use a nonce twice, so the server leaves the records to OpenSSL."""
+    a, b = trio.testing.memory_stream_pair()
+    ctx = server_context(made_certs)
+    ctx.num_tickets = 2
+    server = TLSStream(a, ctx, server_side=True, keys=KeyLog(ctx))
+    client = TLSStream(
+        b, client_context(made_certs.joinpath(*CERTS_CLIENT)), server_hostname="localhost"
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+    assert server.sealer is None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_all, b"t" * 40000)
+        assert await _received(client, 40000) == b"t" * 40000
+
+
 async def test_tls12_stays_with_openssl(made_certs: Path) -> None:
     """Only TLS 1.3 records are sealed here; a TLS 1.2 session keeps OpenSSL's."""
     server, client = await _pair(made_certs, version=ssl.TLSVersion.TLSv1_2)
