@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
-from .balance import LoadBoard
 from .config import DEFAULT_CERT_DAYS, DEFAULT_PORT, Limits, ServerConfig
-from .listen import ListenError, describe, parse_listen
 from .memory import tune_malloc
-from .server import Server, bind_listen
-from .tls import TLSConfig, TLSMode, TLSSetupError, parse_allow
-from .workers import run_workers, share
+from .server.balance import LoadBoard
+from .server.listener import Server, bind_listen
+from .server.workers import run_workers, share
+from .transport.contexts import TLSConfig, TLSMode, TLSSetupError, parse_allow
+from .transport.listen import ListenError, describe, parse_listen
 
 if TYPE_CHECKING:
     import socket
     from collections.abc import Sequence
 
-    from .balance import Seat
+    from .server.balance import Seat
 
 
 class UsageError(ValueError):
@@ -216,7 +216,7 @@ def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from .certs import make_certificates  # cryptography costs a server ~9 MiB: only here
+    from .transport.certs import make_certificates  # cryptography costs a server ~9 MiB: only here
 
     for name in args.client:
         if not name or "/" in name or name in (".", ".."):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .protocol import DEFAULT_MAX_PAYLOAD
-from .tls import TLSConfig
+from .transport.contexts import TLSConfig
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from erofs_nbdd.exports import NotErofs, parse_superblock
 from erofs_nbdd.protocol import ProtocolError, Rep, TransmissionFlag
-from erofs_nbdd.tls import TLSSetupError, client_context
+from erofs_nbdd.storage.exports import NotErofs, parse_superblock
+from erofs_nbdd.transport.contexts import TLSSetupError, client_context
 
 from .errors import AttachError, ExitStatus
 from .negotiate import ExportDetails, NegotiationError, RequestError, Session, negotiate

@@ -42,7 +42,7 @@ from erofs_nbdd.protocol.events import (
     ServerEntry,
     SimpleReply,
 )
-from erofs_nbdd.tlsstream import TLSStream
+from erofs_nbdd.transport.tls import TLSStream
 
 if TYPE_CHECKING:
     import ssl

@@ -7,7 +7,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from erofs_nbdd.address import parse_port, split_host_port
+from erofs_nbdd.transport.address import parse_port, split_host_port
 
 DEFAULT_PORT = 10809
 

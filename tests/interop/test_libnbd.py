@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from erofs_nbdd import uring
+from erofs_nbdd.storage import uring
 
 from ..conftest import evict, random_image, require_tool
 from .conftest import run, start_server_process, stop_server_process

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import NegotiationError, negotiate
-from erofs_nbdd.tls import client_context
-from erofs_nbdd.tlsstream import TLSStream
+from erofs_nbdd.transport.contexts import client_context
+from erofs_nbdd.transport.tls import TLSStream
 
 from ..conftest import require_tool
 from .conftest import RunningServer, run, start_server_process, stop_server_process

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_nbdd import ktls
+from erofs_nbdd.transport import ktls
 
 from ..conftest import mkfs, require_tool
 from ..interop.conftest import RunningServer, start_server_process, stop_server_process

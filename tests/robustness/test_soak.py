@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from erofs_nbd_client.negotiate import Session, negotiate
-from erofs_nbdd.tls import client_context
+from erofs_nbdd.transport.contexts import client_context
 
 from ..interop.conftest import RunningServer, start_server_process, stop_server_process
 from .conftest import assert_serves, log_problems

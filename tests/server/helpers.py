@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from erofs_nbdd.config import Limits, ServerConfig
-from erofs_nbdd.server import serve
+from erofs_nbdd.server.listener import serve
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from erofs_nbdd.balance import LoadBoard
 from erofs_nbdd.config import Limits, ServerConfig
-from erofs_nbdd.listen import describe
-from erofs_nbdd.server import Server, bind_listen
+from erofs_nbdd.server.balance import LoadBoard
+from erofs_nbdd.server.listener import Server, bind_listen
+from erofs_nbdd.transport.listen import describe
 
 if TYPE_CHECKING:
     from pathlib import Path

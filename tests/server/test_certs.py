@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from erofs_nbdd.cli import ExitStatus, main
-from erofs_nbdd.tls import client_context, server_context
+from erofs_nbdd.transport.contexts import client_context, server_context
 
 if TYPE_CHECKING:
     from pathlib import Path

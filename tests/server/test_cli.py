@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from erofs_nbdd.cli import ExitStatus, main
-from erofs_nbdd.listen import ListenError, ListenSpec, parse_listen
+from erofs_nbdd.transport.listen import ListenError, ListenSpec, parse_listen
 
 if TYPE_CHECKING:
     from pathlib import Path

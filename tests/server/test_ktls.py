@@ -15,15 +15,15 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import Session, negotiate
-from erofs_nbdd import ktls
 from erofs_nbdd.cli import _config, build_parser
 from erofs_nbdd.config import Limits
-from erofs_nbdd.faststream import SourceFailed
-from erofs_nbdd.ktls import KernelTLSStream
 from erofs_nbdd.protocol import Cmd
-from erofs_nbdd.server import Server
-from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
-from erofs_nbdd.tlsstream import SEND_SLICE, file_slices
+from erofs_nbdd.server.listener import Server
+from erofs_nbdd.transport import ktls
+from erofs_nbdd.transport.contexts import TLSConfig, TLSMode, client_context
+from erofs_nbdd.transport.ktls import KernelTLSStream
+from erofs_nbdd.transport.plain import SourceFailed
+from erofs_nbdd.transport.tls import SEND_SLICE, file_slices
 
 from ..conftest import mkfs, require_tool
 from ..tlsclient import StdlibTLSClient, reads_across_key_updates, renegotiation_is_refused

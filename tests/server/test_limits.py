@@ -16,7 +16,7 @@ from erofs_nbd_client.negotiate import NegotiationError, negotiate
 from erofs_nbdd.config import Limits, ServerConfig
 from erofs_nbdd.protocol import Cmd, Opt, wire
 from erofs_nbdd.protocol.constants import IHAVEOPT
-from erofs_nbdd.server import Server, bind_listen
+from erofs_nbdd.server.listener import Server, bind_listen
 
 from .helpers import read_all, start_server
 

@@ -10,9 +10,9 @@ import trio.testing
 
 from erofs_nbd_client.negotiate import Handshake, RequestError, negotiate
 from erofs_nbdd.config import ServerConfig
-from erofs_nbdd.connection import Connection
-from erofs_nbdd.exports import ExportDirectory
 from erofs_nbdd.protocol import Cmd, Errno
+from erofs_nbdd.server.connection import Connection
+from erofs_nbdd.storage.exports import ExportDirectory
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -11,13 +11,13 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import hashes
 
-from erofs_nbdd import records
 from erofs_nbdd.cli import _config, build_parser
-from erofs_nbdd.faststream import SourceFailed
-from erofs_nbdd.keylog import KeyLog, client_random
-from erofs_nbdd.server import Server
-from erofs_nbdd.tls import client_context, server_context
-from erofs_nbdd.tlsstream import SEND_SLICE, TLSStream
+from erofs_nbdd.server.listener import Server
+from erofs_nbdd.transport import records
+from erofs_nbdd.transport.contexts import client_context, server_context
+from erofs_nbdd.transport.keylog import KeyLog, client_random
+from erofs_nbdd.transport.plain import SourceFailed
+from erofs_nbdd.transport.tls import SEND_SLICE, TLSStream
 
 from ..tlsclient import _LIBSSL, _ssl_pointer
 

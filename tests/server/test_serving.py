@@ -246,7 +246,7 @@ async def test_a_failing_read_is_a_clean_eio(
 
 async def test_unix_socket(nursery: trio.Nursery, images: Path, tmp_path: Path) -> None:
     from erofs_nbdd.config import ServerConfig
-    from erofs_nbdd.server import serve
+    from erofs_nbdd.server.listener import serve
 
     path = tmp_path / "nbd.sock"
     path.touch()  # a stale non-socket file is never removed: bind fails

@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import negotiate
-from erofs_nbdd.backends import FileBackend
-from erofs_nbdd.connection import Connection
-from erofs_nbdd.faststream import FastSocketStream
-from erofs_nbdd.transmit import FILE_REPLY_MIN
+from erofs_nbdd.server.connection import Connection
+from erofs_nbdd.server.transmit import FILE_REPLY_MIN
+from erofs_nbdd.storage.backends import FileBackend
+from erofs_nbdd.transport.plain import FastSocketStream
 
 from ..conftest import random_image
 from .helpers import check_read, start_server

@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from erofs_nbdd import threads
+from erofs_nbdd.storage import threads
 
 
 async def test_results_and_exceptions_come_back() -> None:

@@ -13,11 +13,11 @@ import trustme
 
 from erofs_nbd_client.negotiate import Handshake, NegotiationError, negotiate
 from erofs_nbdd.config import ServerConfig
-from erofs_nbdd.connection import Connection
-from erofs_nbdd.exports import ExportDirectory
 from erofs_nbdd.protocol import Opt, Rep, TransmissionFlag, wire
-from erofs_nbdd.server import Server
-from erofs_nbdd.tls import (
+from erofs_nbdd.server.connection import Connection
+from erofs_nbdd.server.listener import Server
+from erofs_nbdd.storage.exports import ExportDirectory
+from erofs_nbdd.transport.contexts import (
     TLSConfig,
     TLSMode,
     TLSSetupError,
@@ -326,8 +326,8 @@ async def test_tls_replies_are_encrypted_in_slices_of_whole_records(pki: PKI, se
     carrying a 16-byte record; a 1 MiB reply is four, and 65 records: every record full but
     the last, so the client has no short record to read on its own. The same whether the
     server seals the records itself (records.py) or OpenSSL does."""
-    from erofs_nbdd.keylog import KeyLog
-    from erofs_nbdd.tlsstream import RECORD, SEND_SLICE, TLSStream
+    from erofs_nbdd.transport.keylog import KeyLog
+    from erofs_nbdd.transport.tls import RECORD, SEND_SLICE, TLSStream
 
     a, b = trio.testing.memory_stream_pair()
     counted = _CountingStream(a)

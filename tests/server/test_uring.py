@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from erofs_nbdd import uring
+from erofs_nbdd.storage import uring
 
 from ..conftest import evict
 

@@ -18,13 +18,13 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import negotiate
-from erofs_nbdd import pagecache
-from erofs_nbdd.backends import FileBackend
-from erofs_nbdd.exports import ExportDirectory
-from erofs_nbdd.faststream import FastSocketStream, SourceFailed
-from erofs_nbdd.pagecache import PAGE, PageCache
-from erofs_nbdd.tls import TLSConfig, TLSMode, client_context
-from erofs_nbdd.transmit import FILE_REPLY_MIN
+from erofs_nbdd.server.transmit import FILE_REPLY_MIN
+from erofs_nbdd.storage import pagecache
+from erofs_nbdd.storage.backends import FileBackend
+from erofs_nbdd.storage.exports import ExportDirectory
+from erofs_nbdd.storage.pagecache import PAGE, PageCache
+from erofs_nbdd.transport.contexts import TLSConfig, TLSMode, client_context
+from erofs_nbdd.transport.plain import FastSocketStream, SourceFailed
 
 from ..conftest import evict, random_image
 from .helpers import check_read, start_server

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 import trio
 
 from . import records
-from .faststream import FastLock, SourceFailed
 from .keylog import HELLO_PREFIX, client_random
+from .plain import FastLock, SourceFailed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

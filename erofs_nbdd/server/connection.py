@@ -12,13 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import ktls
-from .backends import Backend, FileBackend
-from .budget import ByteBudget
-from .faststream import FastLock, FastSocketStream, SourceFailed
-from .ktls import KernelTLSStream
-from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused, Stats
-from .protocol import (
+from ..protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
     Info,
@@ -28,7 +22,7 @@ from .protocol import (
     State,
     TransmissionFlag,
 )
-from .protocol.events import (
+from ..protocol.events import (
     AbortOption,
     ClientFlags,
     ExportNameOption,
@@ -41,16 +35,22 @@ from .protocol.events import (
     StructuredReplyOption,
     UnsupportedOption,
 )
-from .tls import TLSMode, peer_common_name, peer_subject
-from .tlsstream import TLSStream
+from ..storage.backends import Backend, FileBackend
+from ..transport import ktls
+from ..transport.contexts import TLSMode, peer_common_name, peer_subject
+from ..transport.ktls import KernelTLSStream
+from ..transport.plain import FastLock, FastSocketStream, SourceFailed
+from ..transport.tls import TLSStream
+from .budget import ByteBudget
+from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused, Stats
 from .transmit import CONTEXT_ID, FileRange, Transmitter
 
 if TYPE_CHECKING:
     import ssl
 
-    from .config import ServerConfig
-    from .exports import Export, ExportDirectory
-    from .keylog import KeyLog
+    from ..config import ServerConfig
+    from ..storage.exports import Export, ExportDirectory
+    from ..transport.keylog import KeyLog
 
 log = logging.getLogger("erofs_nbdd.connection")
 

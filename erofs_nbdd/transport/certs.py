@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import DEFAULT_CERT_DAYS
+from ..config import DEFAULT_CERT_DAYS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import trio
 
-from .faststream import FastLock, FastSocketStream
-from .tlsstream import TLSSession, data_slices, file_slices
+from .plain import FastLock, FastSocketStream
+from .tls import TLSSession, data_slices, file_slices
 
 #: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
 OP_ENABLE_KTLS = 1 << 3

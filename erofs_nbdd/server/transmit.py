@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .budget import ByteBudget
-from .protocol import (
+from ..protocol import (
     NEED_DATA,
     Cmd,
     CmdFlag,
@@ -26,13 +25,14 @@ from .protocol import (
     ServerTransmission,
     check_request,
 )
-from .protocol.events import Disconnect, Request
+from ..protocol.events import Disconnect, Request
+from .budget import ByteBudget
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from .backends import Backend
-    from .config import Limits
+    from ..config import Limits
+    from ..storage.backends import Backend
     from .outcome import Stats
 
 log = logging.getLogger("erofs_nbdd.connection")

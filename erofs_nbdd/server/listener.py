@@ -12,23 +12,24 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import ktls, uring
+from ..protocol import ProtocolError
+from ..storage import uring
+from ..storage.exports import ExportDirectory
+from ..transport import ktls
+from ..transport.contexts import TLSMode, server_context
+from ..transport.keylog import KeyLog
+from ..transport.listen import bind, close_all, describe, parse_listen
+from ..transport.plain import FastSocketStream
 from .balance import DEFER, POLL
 from .budget import ByteBudget
 from .connection import Connection
-from .exports import ExportDirectory
-from .faststream import FastSocketStream
-from .keylog import KeyLog
-from .listen import bind, close_all, describe, parse_listen
 from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused
-from .protocol import ProtocolError
-from .tls import TLSMode, server_context
 
 if TYPE_CHECKING:
     import socket
 
+    from ..config import ServerConfig
     from .balance import Seat
-    from .config import ServerConfig
 
 log = logging.getLogger("erofs_nbdd.server")
 

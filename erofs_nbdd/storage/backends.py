@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from ..protocol import StateFlag
 from . import threads, uring
 from .pagecache import PageCache
-from .protocol import StateFlag
 
 
 class Backend(Protocol):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ..config import ServerConfig
     from .balance import LoadBoard
-    from .config import ServerConfig
 
 log = logging.getLogger("erofs_nbdd.workers")
 
