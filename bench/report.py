@@ -1,11 +1,13 @@
 """Summaries of the benchmark runs: medians with min and max, ratios of erofs-nbdd to nbdkit
-(TLS to nbdkit with TLS), the issue's targets, a text table and a PNG plot."""
+(TLS to nbdkit with TLS; erofs-nbdd at a ref likewise), the issue's targets, this tree against
+each ref, a text table and a PNG plot."""
 
 from __future__ import annotations
 
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from .servers import server_name, split_name
 from .workloads import primary
 
 if TYPE_CHECKING:
@@ -53,14 +55,30 @@ def ratio(summary: Summary, ours: str, ref: str, workload: str, metric: str) -> 
     return a / b if b else None
 
 
+def baseline(name: str) -> str | None:
+    """What ``name`` is judged against: nbdkit for any erofs-nbdd (this tree's or a ref's),
+    nbdkit-tls for its TLS variant."""
+    kind, _, tls = split_name(name)
+    return server_name("nbdkit", None, tls) if kind == "erofs-nbdd" else None
+
+
+def counterpart(name: str) -> str | None:
+    """This tree's server that a ref's is compared with: ``erofs-nbdd@c1721e8-tls`` ->
+    ``erofs-nbdd-tls``."""
+    kind, ref, tls = split_name(name)
+    return server_name(kind, None, tls) if ref else None
+
+
 def verdicts(summary: Summary) -> list[tuple[str, float, float, bool, bool]]:
     """(what, ratio, target, higher_is_better, met) for every target measured."""
     out = []
-    for ours, ref, targets in (
-        ("erofs-nbdd", "nbdkit", TARGETS),
-        ("erofs-nbdd-tls", "nbdkit-tls", TLS_TARGETS),
-    ):
-        for workload, (metric, target, higher) in targets.items():
+    for ours in summary:
+        ref = baseline(ours)
+        if ref is None:
+            continue
+        for workload, (metric, target, higher) in (
+            TLS_TARGETS if ref.endswith("-tls") else TARGETS
+        ).items():
             r = ratio(summary, ours, ref, workload, metric)
             if r is not None:
                 met = r >= target if higher else r <= target
@@ -68,23 +86,40 @@ def verdicts(summary: Summary) -> list[tuple[str, float, float, bool, bool]]:
     return out
 
 
+def versus(
+    summary: Summary, workloads: list[Workload]
+) -> list[tuple[str, str, list[float | None]]]:
+    """(this tree's server, the ref's, ratios per workload of the primary metric) for every
+    server at a ref whose counterpart was measured too."""
+    out = []
+    for name in summary:
+        mine = counterpart(name)
+        if mine is not None and mine in summary:
+            out.append(
+                (mine, name, [ratio(summary, mine, name, w.name, primary(w)) for w in workloads])
+            )
+    return out
+
+
 def render_table(
     summary: Summary,
     workloads: list[Workload],
     names: list[str],
-    memory: dict[str, float],
+    memory: dict[str, dict[str, float]],
     meta: dict[str, Any],
 ) -> str:
+    """``memory``: server -> ``memory_under_load``'s figures."""
     lines = [
         f"erofs-nbdd benchmark, {meta['date']}, {meta['machine']}",
         f"{meta['repeats']} round(s) of {meta['duration_s']:g} s, pin={meta['pin']}; "
         "median [min..max]; QD1 adds p50/p99 latency",
         "",
     ]
-    head = f"{'server':16}" + "".join(f"{w.label:>30}" for w in workloads)
+    wide = max([16, *(len(n) + 2 for n in names)])
+    head = f"{'server':{wide}}" + "".join(f"{w.label:>30}" for w in workloads)
     lines += [head, "-" * len(head)]
     for name in names:
-        row = f"{name:16}"
+        row = f"{name:{wide}}"
         for w in workloads:
             cell = summary.get(name, {}).get(w.name)
             if cell is None:
@@ -97,16 +132,30 @@ def render_table(
             row += f"{text:>30}"
         lines.append(row)
     lines += ["", "ratios to nbdkit in this run (targets from the performance issue):"]
-    for what, r, target, higher, met in verdicts(summary):
+    found = verdicts(summary)
+    wide = max([38, *(len(v[0]) for v in found)])
+    for what, r, target, higher, met in found:
         sign = ">=" if higher else "<="
-        lines.append(f"  {what:38} {r:5.2f}x  target {sign} {target:g}x  "
+        lines.append(f"  {what:{wide}} {r:5.2f}x  target {sign} {target:g}x  "
                      f"{'met' if met else 'NOT met'}")  # fmt: skip
-    if memory:
-        met = memory["rss_peak_mib"] < 100
+    for name, figures in memory.items():
+        met = figures["rss_peak_mib"] < 100
         lines.append(
-            f"  erofs-nbdd RSS, 64 conns x 128 reads in flight: {memory['rss_peak_mib']:.0f} MiB"
+            f"  {name} RSS, 64 conns x 128 reads in flight: {figures['rss_peak_mib']:.0f} MiB"
             f"  target < 100 MiB  {'met' if met else 'NOT met'}"
         )
+    pairs = versus(summary, workloads)
+    if pairs:
+        lines += [
+            "",
+            "this tree / the ref, same run (median of each column's metric; > 1: faster now):",
+        ]
+        for mine, theirs, ratios in pairs:
+            cells = "  ".join(
+                f"{w.name} {'-' if r is None else f'{r:.2f}x'}"
+                for w, r in zip(workloads, ratios, strict=True)
+            )
+            lines.append(f"  {mine} / {theirs}:  {cells}")
     cpu = [
         f"{name} {summary[name][w.name]['server_cpu']['median']:.2f}"
         for name in names
@@ -116,6 +165,20 @@ def render_table(
     if cpu:
         lines += ["", "server CPU (cores busy) during rand 4k QD32: " + ", ".join(cpu)]
     return "\n".join(lines) + "\n"
+
+
+def series(summary: Summary, workloads: list[Workload]) -> list[tuple[str, list[float]]]:
+    """The plot's bars: each erofs-nbdd (this tree's or a ref's, plaintext or TLS) relative to
+    its nbdkit, per workload (0 where not measured)."""
+    out = []
+    for ours in summary:
+        ref = baseline(ours)
+        if ref is None:
+            continue
+        values = [ratio(summary, ours, ref, w.name, primary(w)) or 0.0 for w in workloads]
+        if any(values):
+            out.append((f"{ours} / {ref}", values))
+    return out
 
 
 def plot(summary: Summary, workloads: list[Workload], path: Path, meta: dict[str, Any]) -> bool:
@@ -129,22 +192,15 @@ def plot(summary: Summary, workloads: list[Workload], path: Path, meta: dict[str
     except ImportError:
         return False
     labels = [w.name for w in workloads]
-    series = []
-    for ours, ref in (("erofs-nbdd", "nbdkit"), ("erofs-nbdd-tls", "nbdkit-tls")):
-        values = []
-        for w in workloads:
-            r = ratio(summary, ours, ref, w.name, primary(w))
-            values.append(r or 0.0)
-        if any(values):
-            series.append((f"{ours} / {ref}", values))
+    bars_of = series(summary, workloads)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / max(1, len(series))
-    for i, (label, values) in enumerate(series):
+    width = 0.8 / max(1, len(bars_of))
+    for i, (label, values) in enumerate(bars_of):
         xs = [x + i * width for x in range(len(labels))]
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
+    ax.set_xticks([x + width * (len(bars_of) - 1) / 2 for x in range(len(labels))], labels)
     ax.set_ylabel("throughput relative to nbdkit (1.0 = equal)")
     ax.set_title(f"erofs-nbdd vs nbdkit, {meta['date'][:10]}, {meta['machine'].split(',')[1]}")
     ax.legend()

@@ -6,26 +6,34 @@ Builds (once, cached) an EROFS image of about 1 GiB, serves it with every server
 and TLS, and measures each with fio's nbd engine and nbdcopy. Runs are interleaved: each
 round runs every workload on every server, the server order rotating, so drift on a shared
 machine hits all alike. Figures are medians of the rounds, with min and max; erofs-nbdd is
-judged by its ratio to nbdkit in the same run. Writes table.txt, results.json and ratios.png.
+judged by its ratio to nbdkit in the same run. ``--against REF`` adds erofs-nbdd as it was at
+commit REF (``erofs-nbdd@SHORT``, ``erofs-nbdd@SHORT-tls``) to the same rounds, for a before and
+after. Writes table.txt, results.json and ratios.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .report import plot, render_table, summarize
-from .servers import ROOT, make_servers
+from .servers import ROOT, make_servers, with_refs
 from .workloads import WORKLOADS, memory_under_load, primary, run_fio, run_nbdcopy
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SERVERS = ["erofs-nbdd", "nbdkit", "qemu-nbd", "erofs-nbdd-tls", "nbdkit-tls", "qemu-nbd-tls"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erofs-nbdd-bench"
@@ -112,6 +120,33 @@ def evict(image: Path) -> float:
     return resident_share(image)
 
 
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[tuple[str, str, Path]]:
+    """(short hash, full hash, directory) of this repository's tree at ``ref``, exported by
+    ``git archive`` into a temporary directory that is removed on the way out."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"--against {ref}: git {args[0]}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    full = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    short = git("rev-parse", "--short", full)
+    tree = Path(tempfile.mkdtemp(prefix=f"erofs-nbdd-bench-{short}-"))
+    try:
+        archive = subprocess.Popen(
+            ["git", "-C", str(ROOT), "archive", full], stdout=subprocess.PIPE
+        )
+        with archive:
+            subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+        if archive.returncode != 0:
+            raise RuntimeError(f"git archive {full} failed")
+        yield short, full, tree
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s runs (under 3 min)")
@@ -125,17 +160,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, help="erofs-nbdd --workers (default: its own)")
     ap.add_argument("--out", type=Path, help="default bench/results/DATE")
     ap.add_argument("--base-port", type=int, default=21800)
+    ap.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="also run erofs-nbdd as at commit REF, as erofs-nbdd@SHORT[-tls] "
+        "beside each erofs-nbdd in --servers (both if none); repeatable",
+    )
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.duration = args.duration or (3.0 if args.quick else 8.0)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out = args.out or ROOT / "bench" / "results" / stamp
+    args.out = (args.out or ROOT / "bench" / "results" / stamp).resolve()
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n for n in args.servers.split(",") if n]
+    # SIGTERM unwinds like Ctrl-C, so servers are stopped and checkouts removed either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with contextlib.ExitStack() as stack:
+        refs = [stack.enter_context(checkout(ref)) for ref in dict.fromkeys(args.against)]
+        return measure(args, refs)
+
+
+def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
+    """The run proper, with each ``--against`` ref checked out as (short, full, tree)."""
+    trees = {short: tree for short, _, tree in refs}
+    names = with_refs([n for n in args.servers.split(",") if n], list(trees))
     workloads = [WORKLOADS[w] for w in args.workloads.split(",") if w]
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -143,13 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     size = image.stat().st_size
     pki, client_prefix = make_pki(out)
     server_cpus, client_cpus = ("0", "1") if args.pin == "split" else (None, None)
-    servers = make_servers(names, image, pki, out / "logs", args.base_port, args.workers)
+    servers = make_servers(names, image, pki, out / "logs", args.base_port, args.workers, trees)
+    imports = {}
+    for server in servers:
+        if server.tree is not None:
+            imports[server.name] = str(server.imported_from())
+            say(f"{server.name}: erofs_nbdd from {imports[server.name]}")
     results: list[dict[str, object]] = []
     started = time.monotonic()
     runs = args.repeats * len(workloads) * len(servers)
     say(f"{len(servers)} servers x {len(workloads)} workloads x {args.repeats} rounds = {runs} "
         f"runs of {args.duration:g} s; results in {out}")  # fmt: skip
-    memory: dict[str, float] = {}
+    memory: dict[str, dict[str, float]] = {}
+    wide = max(len(s.name) for s in servers)
     try:
         for server in servers:
             server.start(server_cpus)
@@ -172,14 +231,15 @@ def main(argv: list[str] | None = None) -> int:
                     results.append({"server": server.name, "workload": w.name, "round": rnd,
                                     **figures})  # fmt: skip
                     done += 1
-                    say(f"{done}/{runs} {w.name:15} {server.name:15} "
+                    say(f"{done}/{runs} {w.name:15} {server.name:{wide}} "
                         f"{figures[primary(w)]:10.0f} {primary(w)}")  # fmt: skip
-        ours = next((s for s in servers if s.name == "erofs-nbdd"), None)
-        if ours is not None:
-            say("memory: 64 connections x 128 reads of 128 KiB in flight")
-            memory = memory_under_load(ours, size)
-            say(f"  erofs-nbdd RSS {memory['rss_before_mib']:.0f} MiB idle, "
-                f"{memory['rss_peak_mib']:.0f} MiB peak")  # fmt: skip
+        for ours in servers:
+            if ours.kind != "erofs-nbdd" or ours.tls:
+                continue
+            say(f"memory of {ours.name}: 64 connections x 128 reads of 128 KiB in flight")
+            m = memory[ours.name] = memory_under_load(ours, size)
+            idle, peak = m["rss_before_mib"], m["rss_peak_mib"]
+            say(f"  {ours.name} RSS {idle:.0f} MiB idle, {peak:.0f} MiB peak")
     finally:
         for server in servers:
             server.stop()
@@ -196,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "wall_s": round(time.monotonic() - started, 1),
         "servers": {s.name: " ".join(s.argv) for s in servers},
+        "against": {short: full for short, full, _ in refs},
+        "erofs_nbdd_imported_from": imports,
     }
     table = render_table(summary, workloads, names, memory, meta)
     (out / "table.txt").write_text(table)

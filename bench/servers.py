@@ -1,5 +1,8 @@
 """The servers the benchmark compares, each serving one image as export ``img`` on
-127.0.0.1, plaintext or TLS, started as process groups so they are always stopped."""
+127.0.0.1, plaintext or TLS, started as process groups so they are always stopped.
+
+Names are ``KIND[@REF][-tls]``: ``erofs-nbdd@c1721e8-tls`` is erofs-nbdd as it was at commit
+c1721e8 (checked out by ``bench.run --against``), with TLS required."""
 
 from __future__ import annotations
 
@@ -17,18 +20,67 @@ EXPORT = "img"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def split_name(name: str) -> tuple[str, str | None, bool]:
+    """``"erofs-nbdd@c1721e8-tls"`` -> ``("erofs-nbdd", "c1721e8", True)``."""
+    tls = name.endswith("-tls")
+    kind, _, ref = name.removesuffix("-tls").partition("@")
+    return kind, ref or None, tls
+
+
+def server_name(kind: str, ref: str | None, tls: bool) -> str:
+    return kind + (f"@{ref}" if ref else "") + ("-tls" if tls else "")
+
+
+def with_refs(names: list[str], refs: list[str]) -> list[str]:
+    """``names`` with each erofs-nbdd followed by its counterparts at ``refs`` (TLS by TLS);
+    with no erofs-nbdd in ``names``, both counterparts come last."""
+    out = []
+    for name in names:
+        out.append(name)
+        kind, ref, tls = split_name(name)
+        if (kind, ref) == ("erofs-nbdd", None):
+            out += [server_name(kind, r, tls) for r in refs]
+    if out == names:
+        out += [server_name("erofs-nbdd", r, tls) for tls in (False, True) for r in refs]
+    return out
+
+
 @dataclass
 class Server:
-    name: str  # e.g. "erofs-nbdd", "nbdkit-tls"
+    name: str  # e.g. "erofs-nbdd", "nbdkit-tls", "erofs-nbdd@c1721e8"
     argv: list[str]
     port: int
     tls: bool
     log: Path
+    #: erofs-nbdd's source tree: this checkout, or a ref's; the server imports only from it.
+    tree: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
-        return self.name.removesuffix("-tls")
+        return split_name(self.name)[0]
+
+    def environment(self) -> dict[str, str] | None:
+        """erofs-nbdd runs in its tree, with only that tree on PYTHONPATH (``-m`` puts the
+        working directory first on ``sys.path``, so that must be the tree too)."""
+        if self.tree is None:
+            return None
+        return {**os.environ, "PYTHONPATH": f"{self.tree}:{self.tree / 'client'}"}
+
+    def imported_from(self) -> Path:
+        """Where this server's interpreter, environment and directory find ``erofs_nbdd``;
+        raises unless that is in its tree."""
+        assert self.tree is not None
+        probe = [sys.executable, "-c", "import erofs_nbdd; print(erofs_nbdd.__file__)"]
+        found = subprocess.run(
+            probe, env=self.environment(), cwd=self.tree, capture_output=True, text=True
+        )
+        if found.returncode != 0:
+            raise RuntimeError(f"{self.name} cannot import erofs_nbdd:\n{found.stderr[-2000:]}")
+        path = Path(found.stdout.strip()).resolve()
+        if not path.is_relative_to(self.tree.resolve()):
+            raise RuntimeError(f"{self.name} would import erofs_nbdd from {path}, not {self.tree}")
+        return path
 
     def uri(self) -> str:
         """fio's nbd engine may not name files in a URI, so TLS clients find their
@@ -39,7 +91,12 @@ class Server:
         argv = ["taskset", "-c", cpus, *self.argv] if cpus else self.argv
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.environment(),
+                cwd=self.tree,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # bounded wait for the port
@@ -104,22 +161,34 @@ class Server:
 
 
 def make_servers(
-    names: list[str], image: Path, pki: Path, logs: Path, base_port: int, workers: int | None
+    names: list[str],
+    image: Path,
+    pki: Path,
+    logs: Path,
+    base_port: int,
+    workers: int | None,
+    trees: dict[str, Path] | None = None,
 ) -> list[Server]:
     """Command lines for each named server; ``image`` lies in a directory of its own, so
-    erofs-nbdd serves exactly it, as ``img``."""
+    erofs-nbdd serves exactly it, as ``img``. ``trees`` maps a ref's short hash to its
+    checkout; every erofs-nbdd, this tree's or a ref's, gets the same flags."""
     out = []
     for i, name in enumerate(names):
         port = base_port + i
-        tls = name.endswith("-tls")
-        kind = name.removesuffix("-tls")
+        kind, ref, tls = split_name(name)
+        tree = None
         if kind == "erofs-nbdd":
+            tree = ROOT if ref is None else (trees or {}).get(ref)
+            if tree is None:
+                raise ValueError(f"{name}: no checkout of {ref} (see --against)")
             argv = [sys.executable, "-m", "erofs_nbdd", "serve", str(image.parent),
                     "--listen", f"{HOST}:{port}"]  # fmt: skip
             if workers is not None:
                 argv += ["--workers", str(workers)]
             if tls:
                 argv += ["--tls", "require", "--tls-certificates", str(pki)]
+        elif ref is not None:
+            raise ValueError(f"{name}: only erofs-nbdd can be run at a ref")
         elif kind == "nbdkit":
             argv = ["nbdkit", "-r", "-f", "-i", HOST, "-p", str(port)]
             if tls:
@@ -134,5 +203,5 @@ def make_servers(
             argv.append(str(image))
         else:
             raise ValueError(f"unknown server {name!r}")
-        out.append(Server(name, argv, port, tls, logs / f"{name}.log"))
+        out.append(Server(name, argv, port, tls, logs / f"{name}.log", tree))
     return out
