@@ -1,5 +1,8 @@
 """Sans-IO NBD: the wire format and the handshake and transmission state machines of both
-sides. Standard library only, no I/O, no logging: the server and the attach client drive it."""
+sides. Standard library only, no I/O, no logging: the server and the attach client drive it.
+
+Every event class is here too, so callers need only ``from erofs_nbdd.protocol import ...``
+(``erofs_nbdd.protocol.events`` keeps working)."""
 
 from .client_handshake import ClientHandshake
 from .constants import (
@@ -18,35 +21,110 @@ from .constants import (
     TransmissionFlag,
 )
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from .events import NEED_DATA
+from .events import (
+    NEED_DATA,
+    AbortOption,
+    BlockSizeInfo,
+    BlockStatusChunk,
+    ClientFlags,
+    DataChunk,
+    DescriptionInfo,
+    Disconnect,
+    ErrorChunk,
+    ExportInfo,
+    ExportNameOption,
+    ExportNameReply,
+    HandshakeReply,
+    HoleChunk,
+    InfoOption,
+    InvalidOption,
+    ListOption,
+    MetaContext,
+    MetaContextOption,
+    NameInfo,
+    NeedData,
+    NoneChunk,
+    OptionAck,
+    OptionError,
+    OptionEvent,
+    ReplyEvent,
+    Request,
+    ServerEntry,
+    ServerGreeting,
+    SimpleReply,
+    StartTLSOption,
+    StructuredReplyOption,
+    UnknownInfo,
+    UnsupportedOption,
+)
 from .handshake import Negotiated, State
 from .server_handshake import ServerHandshake
-from .transmission import ClientTransmission, ExportLimits, ServerTransmission, check_request
+from .transmission import (
+    ClientTransmission,
+    ExportLimits,
+    ServerTransmission,
+    TransmissionState,
+    check_request,
+)
 
 __all__ = [
     "BASE_ALLOCATION",
     "DEFAULT_MAX_PAYLOAD",
     "NEED_DATA",
+    "AbortOption",
+    "BlockSizeInfo",
+    "BlockStatusChunk",
     "ClientFlag",
+    "ClientFlags",
     "ClientHandshake",
     "ClientTransmission",
     "Cmd",
     "CmdFlag",
+    "DataChunk",
+    "DescriptionInfo",
+    "Disconnect",
     "Errno",
+    "ErrorChunk",
+    "ExportInfo",
     "ExportLimits",
+    "ExportNameOption",
+    "ExportNameReply",
     "HandshakeFlag",
+    "HandshakeReply",
+    "HoleChunk",
     "Info",
+    "InfoOption",
+    "InvalidOption",
+    "ListOption",
     "LocalProtocolError",
+    "MetaContext",
+    "MetaContextOption",
+    "NameInfo",
+    "NeedData",
     "Negotiated",
+    "NoneChunk",
     "Opt",
+    "OptionAck",
+    "OptionError",
+    "OptionEvent",
     "ProtocolError",
     "RemoteProtocolError",
     "Rep",
+    "ReplyEvent",
     "ReplyType",
+    "Request",
+    "ServerEntry",
+    "ServerGreeting",
     "ServerHandshake",
     "ServerTransmission",
+    "SimpleReply",
+    "StartTLSOption",
     "State",
     "StateFlag",
+    "StructuredReplyOption",
     "TransmissionFlag",
+    "TransmissionState",
+    "UnknownInfo",
+    "UnsupportedOption",
     "check_request",
 ]

@@ -32,17 +32,19 @@ from .events import (
     UnknownInfo,
 )
 from .handshake import (
-    AFTER_ACK,
+    ACK_STEP,
     MAX_OPTION_REPLY_LENGTH,
     PARTIAL_REPLIES,
+    HandshakeMachine,
     Negotiated,
     State,
+    Step,
     decode_name,
     read_string,
 )
 
 
-class ClientHandshake:
+class ClientHandshake(HandshakeMachine):
     """The client side: builds options, checks that replies fit what was asked."""
 
     def __init__(self, *, no_zeroes: bool = True) -> None:
@@ -62,27 +64,22 @@ class ClientHandshake:
         return self._buffer.peek(len(self._buffer))
 
     def next_event(self) -> HandshakeReply | NeedData:
-        try:
-            return self._next_event()
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
-
-    def _next_event(self) -> HandshakeReply | NeedData:
+        self._check_usable()
         if self.state is State.AWAIT_GREETING:
             if len(self._buffer) < wire.GREETING.size:
                 return NEED_DATA
             magic, ihaveopt, flags = wire.GREETING.unpack(self._buffer.take(wire.GREETING.size))
             if magic != NBDMAGIC:
-                raise RemoteProtocolError(f"not an NBD server (magic {magic:#x})")
+                self._fail(RemoteProtocolError, f"not an NBD server (magic {magic:#x})")
             if ihaveopt != IHAVEOPT:
-                raise RemoteProtocolError(
-                    "server speaks oldstyle negotiation, which is not supported"
+                self._fail(
+                    RemoteProtocolError,
+                    "server speaks oldstyle negotiation, which is not supported",
                 )
             if not flags & HandshakeFlag.FIXED_NEWSTYLE:
-                raise RemoteProtocolError("server does not speak fixed newstyle negotiation")
+                self._fail(RemoteProtocolError, "server does not speak fixed newstyle negotiation")
             self.server_flags = flags
-            self.state = State.AWAIT_CLIENT_FLAGS
+            self._step(Step.GREETING)
             return ServerGreeting(flags)
         if self.state is not State.REPLYING:
             return NEED_DATA
@@ -95,11 +92,13 @@ class ClientHandshake:
             self._buffer.peek(wire.OPTION_REPLY_HEADER.size)
         )
         if magic != OPTION_REPLY_MAGIC:
-            raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
+            self._fail(RemoteProtocolError, f"bad option reply magic {magic:#x}")
         if opt != self._option:
-            raise RemoteProtocolError(f"reply to option {opt} while option {self._option} is open")
+            self._fail(
+                RemoteProtocolError, f"reply to option {opt} while option {self._option} is open"
+            )
         if length > MAX_OPTION_REPLY_LENGTH:
-            raise RemoteProtocolError(f"option reply of {length} bytes is too long")
+            self._fail(RemoteProtocolError, f"option reply of {length} bytes is too long")
         if len(self._buffer) < wire.OPTION_REPLY_HEADER.size + length:
             return NEED_DATA
         self._buffer.skip(wire.OPTION_REPLY_HEADER.size)
@@ -112,32 +111,36 @@ class ClientHandshake:
         if len(self._buffer) < want:
             return NEED_DATA
         size, flags = wire.EXPORT_NAME_REPLY.unpack(self._buffer.take(want)[:10])
-        self.state = State.TRANSMISSION
-        self._option = None
+        self._close(Step.EXPORT_NAME_REPLY)
         return ExportNameReply(size, flags)
+
+    def _close(self, step: Step) -> None:
+        """The final reply arrived: the option is closed and the state moves on."""
+        self._step(step)
+        self._option = None
 
     def _reply(self, opt: int, rep: int, data: bytes) -> HandshakeReply:
         if rep & (1 << 31):
-            self.state = State.OPTIONS
-            self._option = None
+            if opt == Opt.SET_META_CONTEXT:
+                self.negotiated.meta_contexts = {}  # a failed SET selects nothing
+            self._close(Step.ERROR_REPLY)
             return OptionError(opt, rep, data.decode("utf-8", "replace"))
         if rep == Rep.ACK:
             if data:
-                raise RemoteProtocolError("ACK reply carries data")
+                self._fail(RemoteProtocolError, "ACK reply carries data")
             if opt == Opt.GO and not self._export_seen:
-                raise RemoteProtocolError("server acknowledged GO without NBD_INFO_EXPORT")
+                self._fail(RemoteProtocolError, "server acknowledged GO without NBD_INFO_EXPORT")
             if opt == Opt.STRUCTURED_REPLY:
                 self.negotiated.structured_replies = True
-            self.state = AFTER_ACK.get(Opt(opt), State.OPTIONS)
-            self._option = None
+            self._close(ACK_STEP.get(opt, Step.ACK))
             return OptionAck(opt)
         allowed = PARTIAL_REPLIES.get(Rep(rep) if rep in Rep._value2member_map_ else Rep.ACK)
         if allowed is None or opt not in allowed:
-            raise RemoteProtocolError(f"reply type {rep} does not answer option {opt}")
+            self._fail(RemoteProtocolError, f"reply type {rep} does not answer option {opt}")
         try:
             return self._partial(opt, Rep(rep), data)
         except wire.MALFORMED as exc:
-            raise RemoteProtocolError(f"malformed reply to option {opt}: {exc}") from exc
+            self._fail(RemoteProtocolError, f"malformed reply to option {opt}: {exc}", exc)
 
     def _partial(self, opt: int, rep: Rep, data: bytes) -> HandshakeReply:
         if rep is Rep.SERVER:
@@ -173,20 +176,19 @@ class ClientHandshake:
 
     def send_client_flags(self) -> bytes:
         if self.state is not State.AWAIT_CLIENT_FLAGS:
-            raise LocalProtocolError(
-                f"client flags are sent once, after the greeting ({self.state})"
-            )
+            self._fail(LocalProtocolError, "client flags are sent once, after the greeting")
         flags = ClientFlag.C_FIXED_NEWSTYLE
         if self._want_no_zeroes and self.server_flags & HandshakeFlag.NO_ZEROES:
             flags |= ClientFlag.C_NO_ZEROES
             self.negotiated.no_zeroes = True
-        self.state = State.OPTIONS
+        self._step(Step.CLIENT_FLAGS)
         return wire.CLIENT_FLAGS.pack(flags)
 
     def _send(self, opt: int, data: bytes = b"") -> bytes:
         if self.state is not State.OPTIONS:
-            raise LocalProtocolError(f"cannot send option {opt} in state {self.state}")
-        self.state = State.REPLYING
+            # doc/proto.md "Fixed newstyle negotiation": one option at a time
+            self._fail(LocalProtocolError, f"cannot send option {opt}")
+        self._step(Step.OPTION)
         self._option = opt
         self._export_seen = False
         if opt == Opt.SET_META_CONTEXT:
@@ -230,12 +232,13 @@ class ClientHandshake:
 
     def start_tls(self) -> None:
         if self.state is not State.TLS_HANDOVER:
-            raise LocalProtocolError(f"STARTTLS was not acknowledged ({self.state})")
+            self._fail(LocalProtocolError, "STARTTLS was not acknowledged")
         if len(self._buffer):
-            self.state = State.ERROR
-            raise RemoteProtocolError("server sent plaintext bytes after acknowledging STARTTLS")
+            self._fail(
+                RemoteProtocolError, "server sent plaintext bytes after acknowledging STARTTLS"
+            )
         self.negotiated = Negotiated(tls=True, no_zeroes=self.negotiated.no_zeroes)
-        self.state = State.OPTIONS
+        self._step(Step.TLS_STARTED)
 
 
 def _enc(queries: tuple[str, ...]) -> tuple[bytes, ...]:

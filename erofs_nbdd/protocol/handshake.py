@@ -7,8 +7,9 @@ Rules (doc/proto.md "Fixed newstyle negotiation"):
 * A final ACK to GO, or the EXPORT_NAME reply, starts transmission; ACK to ABORT ends the
   session; ACK to STARTTLS hands the stream over to TLS, after which nothing negotiated before
   survives (structured replies and meta contexts are forgotten).
-* Every transition is in ``AFTER_ACK`` or written at the one place a state changes. A call or
-  a message that does not fit the current state raises, and the machine stays in ERROR.
+* Every transition is in ``TRANSITIONS`` and taken by ``HandshakeMachine._step``; every error
+  is raised by ``HandshakeMachine._fail``, which leaves the machine in ERROR for good (as h11
+  does: after a violation the byte stream cannot be trusted, so nothing may go on).
 
 Neither machine does I/O: feed received bytes with ``receive_data``, pull ``next_event``, and
 write the bytes that the ``send_*``/``opt_*`` methods return. This module holds what both sides
@@ -18,10 +19,12 @@ share: the states, the negotiated settings, and the parsers of option payloads.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 from . import wire
 from .constants import MAX_STRING, Opt, Rep
+from .errors import LocalProtocolError, ProtocolError
 
 
 class State(enum.Enum):
@@ -35,8 +38,44 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-# Where a final ACK leads; any other option returns to OPTIONS.
-AFTER_ACK = {Opt.GO: State.TRANSMISSION, Opt.ABORT: State.CLOSED, Opt.STARTTLS: State.TLS_HANDOVER}
+class Step(enum.Enum):
+    """What moves a handshake on: a message sent or received, or the TLS hand-over."""
+
+    GREETING = "the greeting"  # client only: the server's greeting arrived
+    CLIENT_FLAGS = "the client flags"
+    OPTION = "an option"
+    ACK = "a final ACK"  # to an option after which negotiation goes on
+    ACK_GO = "the final ACK to GO"
+    ACK_ABORT = "the final ACK to ABORT"
+    ACK_STARTTLS = "the final ACK to STARTTLS"
+    ERROR_REPLY = "a final error reply"
+    EXPORT_NAME_REPLY = "the EXPORT_NAME reply"
+    TLS_STARTED = "the start of TLS"
+
+
+#: Every legal transition of both sides; anything else is an error. (The server starts in
+#: AWAIT_CLIENT_FLAGS: its greeting needs no answer, so sending it changes nothing.)
+TRANSITIONS: dict[tuple[State, Step], State] = {
+    (State.AWAIT_GREETING, Step.GREETING): State.AWAIT_CLIENT_FLAGS,
+    (State.AWAIT_CLIENT_FLAGS, Step.CLIENT_FLAGS): State.OPTIONS,
+    # doc/proto.md "Fixed newstyle negotiation": no option before the final reply to the last
+    (State.OPTIONS, Step.OPTION): State.REPLYING,
+    (State.REPLYING, Step.ACK): State.OPTIONS,
+    (State.REPLYING, Step.ERROR_REPLY): State.OPTIONS,
+    (State.REPLYING, Step.ACK_GO): State.TRANSMISSION,
+    (State.REPLYING, Step.EXPORT_NAME_REPLY): State.TRANSMISSION,
+    (State.REPLYING, Step.ACK_ABORT): State.CLOSED,
+    # doc/proto.md "NBD_OPT_STARTTLS": TLS starts right after the ACK; options go on in it
+    (State.REPLYING, Step.ACK_STARTTLS): State.TLS_HANDOVER,
+    (State.TLS_HANDOVER, Step.TLS_STARTED): State.OPTIONS,
+}
+#: The step a final ACK is, by option (plain ACK for the rest). Keys are ints, so an option
+#: number this side does not know still finds its way here.
+ACK_STEP: dict[int, Step] = {
+    Opt.GO: Step.ACK_GO,
+    Opt.ABORT: Step.ACK_ABORT,
+    Opt.STARTTLS: Step.ACK_STARTTLS,
+}
 # Reply types that may precede the final reply of each option (client-side check).
 PARTIAL_REPLIES = {
     Rep.SERVER: {Opt.LIST},
@@ -61,6 +100,37 @@ class Negotiated:
     meta_export: str | None = None
     tls: bool = False
     no_zeroes: bool = False
+
+    def copy(self) -> Negotiated:
+        """A copy that shares nothing mutable, for a machine that must not see later changes."""
+        return replace(self, meta_contexts=dict(self.meta_contexts))
+
+
+class HandshakeMachine:
+    """What both sides share: the state, the one place it changes and the one way to fail."""
+
+    state: State
+
+    def _step(self, step: Step) -> None:
+        """Take the transition ``step`` names from the current state; none is an error."""
+        target = TRANSITIONS.get((self.state, step))
+        if target is None:
+            self._fail(LocalProtocolError, f"{step.value} does not fit here")
+        self.state = target
+
+    def _fail(
+        self, kind: type[ProtocolError], message: str, cause: BaseException | None = None
+    ) -> NoReturn:
+        """The one error path: the machine ends in ERROR and stays there. A local error names
+        the state the call was made in, not the ERROR it leads to."""
+        was, self.state = self.state, State.ERROR
+        if issubclass(kind, LocalProtocolError):
+            message = f"{message} (in state {was.name})"
+        raise kind(message) from cause
+
+    def _check_usable(self) -> None:
+        if self.state is State.ERROR:
+            self._fail(LocalProtocolError, "the handshake failed earlier; drop the connection")
 
 
 def decode_name(raw: bytes, what: str) -> str:

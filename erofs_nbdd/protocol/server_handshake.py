@@ -21,17 +21,20 @@ from .events import (
     UnsupportedOption,
 )
 from .handshake import (
-    AFTER_ACK,
+    ACK_STEP,
     DEFAULT_MAX_OPTION_LENGTH,
+    HandshakeMachine,
     Negotiated,
     State,
+    Step,
     decode_name,
     parse_info_request,
     parse_meta_context_request,
 )
+from .transmission import ExportLimits, ServerTransmission
 
 
-class ServerHandshake:
+class ServerHandshake(HandshakeMachine):
     """The server side: parses options, checks the order of our replies."""
 
     def __init__(self, *, max_option_length: int = DEFAULT_MAX_OPTION_LENGTH) -> None:
@@ -49,6 +52,8 @@ class ServerHandshake:
     # -- input ----------------------------------------------------------------------------
 
     def greeting(self) -> bytes:
+        if self.state is not State.AWAIT_CLIENT_FLAGS:
+            self._fail(LocalProtocolError, "the greeting comes first, and once")
         return wire.greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 
     def receive_data(self, data: bytes) -> None:
@@ -59,26 +64,30 @@ class ServerHandshake:
         """Bytes received past the end of the handshake, which belong to what comes next."""
         return self._buffer.peek(len(self._buffer))
 
-    def next_event(self) -> ClientFlags | OptionEvent | NeedData:
-        try:
-            return self._next_event()
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
+    def transmission(self, export: ExportLimits) -> ServerTransmission:
+        """The transmission machine for the export just chosen: it has its own copy of what
+        was negotiated and has been fed the bytes that came after the handshake."""
+        if self.state is not State.TRANSMISSION:
+            self._fail(LocalProtocolError, "transmission starts after GO or EXPORT_NAME")
+        tx = ServerTransmission(self.negotiated.copy(), export)
+        tx.receive_data(self.trailing_data)
+        return tx
 
-    def _next_event(self) -> ClientFlags | OptionEvent | NeedData:
+    def next_event(self) -> ClientFlags | OptionEvent | NeedData:
+        self._check_usable()
         if self.state is State.AWAIT_CLIENT_FLAGS:
             if len(self._buffer) < 4:
                 return NEED_DATA
             (flags,) = wire.CLIENT_FLAGS.unpack(self._buffer.take(4))
             known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+            # doc/proto.md "Newstyle negotiation": unknown client flags MUST end the session
             if flags & ~int(known):
-                raise RemoteProtocolError(f"client sent unknown flags {flags:#x}")
+                self._fail(RemoteProtocolError, f"client sent unknown flags {flags:#x}")
             if not flags & ClientFlag.C_FIXED_NEWSTYLE:
-                raise RemoteProtocolError("client does not speak fixed newstyle negotiation")
+                self._fail(RemoteProtocolError, "client does not speak fixed newstyle negotiation")
             self.client_flags = flags
             self.negotiated.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
-            self.state = State.OPTIONS
+            self._step(Step.CLIENT_FLAGS)
             return ClientFlags(flags)
         if self.state is not State.OPTIONS:
             return NEED_DATA
@@ -86,10 +95,11 @@ class ServerHandshake:
             return NEED_DATA
         magic, opt, length = wire.OPTION_HEADER.unpack(self._buffer.peek(wire.OPTION_HEADER.size))
         if magic != IHAVEOPT:
-            raise RemoteProtocolError(f"bad option magic {magic:#x}")
+            self._fail(RemoteProtocolError, f"bad option magic {magic:#x}")
         if length > self._max_option_length:
-            raise RemoteProtocolError(
-                f"option {opt} carries {length} bytes; the limit is {self._max_option_length}"
+            self._fail(
+                RemoteProtocolError,
+                f"option {opt} carries {length} bytes; the limit is {self._max_option_length}",
             )
         if len(self._buffer) < wire.OPTION_HEADER.size + length:
             return NEED_DATA
@@ -100,18 +110,18 @@ class ServerHandshake:
         return event
 
     def _parse_option(self, opt: int, data: bytes) -> OptionEvent:
+        if opt == Opt.EXPORT_NAME:
+            # EXPORT_NAME cannot be answered with an error: a bad name ends the session.
+            try:
+                return ExportNameOption(decode_name(data, "export name"))
+            except ValueError as exc:
+                self._fail(RemoteProtocolError, str(exc), exc)
         try:
             return self._parse_known_option(opt, data)
         except ValueError as exc:
             return InvalidOption(opt, str(exc))
 
     def _parse_known_option(self, opt: int, data: bytes) -> OptionEvent:
-        if opt == Opt.EXPORT_NAME:
-            # EXPORT_NAME cannot be answered with an error: a bad name ends the session.
-            try:
-                return ExportNameOption(decode_name(data, "export name"))
-            except ValueError as exc:
-                raise RemoteProtocolError(str(exc)) from exc
         if opt == Opt.ABORT:
             return AbortOption()  # the spec says to ignore any data
         if opt in (Opt.LIST, Opt.STARTTLS, Opt.STRUCTURED_REPLY):
@@ -135,27 +145,30 @@ class ServerHandshake:
         return UnsupportedOption(opt)
 
     def _open(self, opt: int, event: OptionEvent) -> None:
-        self.state = State.REPLYING
+        self._step(Step.OPTION)
         self._option = Opt(opt) if opt in Opt._value2member_map_ else opt
         self._info_export_sent = False
         self._pending_contexts = {}
         self._pending_meta_export = None
         self._must_error = isinstance(event, InvalidOption | UnsupportedOption)
 
+    def _close(self, step: Step) -> None:
+        """The final reply went out: the option is closed and the state moves on."""
+        self._step(step)
+        self._option = None
+
     # -- replies --------------------------------------------------------------------------
 
     def _require(self, *options: Opt) -> int:
         if self.state is not State.REPLYING or self._option not in options:
-            self.state = State.ERROR
             wanted = "/".join(o.name for o in options)
-            raise LocalProtocolError(f"no {wanted} option is awaiting a reply ({self.state})")
+            self._fail(LocalProtocolError, f"no {wanted} option is awaiting a reply")
         assert self._option is not None
         return int(self._option)
 
     def _open_option(self) -> int:
         if self.state is not State.REPLYING or self._option is None:
-            self.state = State.ERROR
-            raise LocalProtocolError("no option is awaiting a reply")
+            self._fail(LocalProtocolError, "no option is awaiting a reply")
         return int(self._option)
 
     def send_server(self, name: str, description: str = "") -> bytes:
@@ -195,54 +208,54 @@ class ServerHandshake:
         """The final ACK to the open option; the state it leads to follows the spec."""
         opt = self._open_option()
         if self._must_error:
-            self.state = State.ERROR
-            raise LocalProtocolError(f"option {opt} was malformed or unknown; ACK is not allowed")
+            self._fail(
+                LocalProtocolError, f"option {opt} was malformed or unknown; ACK is not allowed"
+            )
         if opt in (Opt.INFO, Opt.GO) and not self._info_export_sent:
-            self.state = State.ERROR
-            raise LocalProtocolError("NBD_INFO_EXPORT must be sent before ACK")
+            # doc/proto.md "NBD_REP_INFO": NBD_INFO_EXPORT MUST come before the ACK
+            self._fail(LocalProtocolError, "NBD_INFO_EXPORT must be sent before ACK")
         if opt == Opt.EXPORT_NAME:
-            self.state = State.ERROR
-            raise LocalProtocolError("EXPORT_NAME is answered with send_export_name_reply")
+            self._fail(LocalProtocolError, "EXPORT_NAME is answered with send_export_name_reply")
         if opt == Opt.STRUCTURED_REPLY:
             self.negotiated.structured_replies = True
         elif opt == Opt.SET_META_CONTEXT:
             self.negotiated.meta_contexts = self._pending_contexts
             self.negotiated.meta_export = self._pending_meta_export
-        self.state = AFTER_ACK.get(Opt(opt), State.OPTIONS)
-        self._option = None
+        self._close(ACK_STEP.get(opt, Step.ACK))
         return wire.option_reply(opt, Rep.ACK)
 
     def send_error(self, rep: Rep, message: str = "") -> bytes:
         """A final error reply; the client may go on with another option."""
         opt = self._open_option()
         if not rep.is_error:
-            raise LocalProtocolError(f"{rep.name} is not an error reply")
+            self._fail(LocalProtocolError, f"{rep.name} is not an error reply")
         if opt == Opt.EXPORT_NAME:
-            self.state = State.ERROR
-            raise LocalProtocolError("EXPORT_NAME cannot be refused with an error; close instead")
+            # doc/proto.md "Newstyle negotiation": an unwilling server MUST end the session
+            self._fail(
+                LocalProtocolError, "EXPORT_NAME cannot be refused with an error; close instead"
+            )
         if opt == Opt.SET_META_CONTEXT:
             # A failed SET leaves no context selected (spec: it replaces the selection).
             self.negotiated.meta_contexts = {}
             self.negotiated.meta_export = None
-        self.state = State.OPTIONS
-        self._option = None
+        self._close(Step.ERROR_REPLY)
         return wire.option_reply(opt, rep, message.encode()[:MAX_STRING])
 
     def send_export_name_reply(self, size: int, flags: int) -> bytes:
         self._require(Opt.EXPORT_NAME)
-        self.state = State.TRANSMISSION
-        self._option = None
+        self._close(Step.EXPORT_NAME_REPLY)
         return wire.export_name_reply(size, flags, no_zeroes=self.negotiated.no_zeroes)
 
     def start_tls(self) -> None:
         """Call once TLS is about to start: plaintext already buffered here is an injection
         attempt, and everything negotiated in plaintext is forgotten."""
         if self.state is not State.TLS_HANDOVER:
-            raise LocalProtocolError(f"STARTTLS was not acknowledged ({self.state})")
+            self._fail(LocalProtocolError, "STARTTLS was not acknowledged")
         if len(self._buffer):
-            self.state = State.ERROR
-            raise RemoteProtocolError(
-                f"client sent {len(self._buffer)} plaintext bytes after STARTTLS"
+            # doc/proto.md "Client-side requirements": after the ACK, TLS at once
+            self._fail(
+                RemoteProtocolError,
+                f"client sent {len(self._buffer)} plaintext bytes after STARTTLS",
             )
         self.negotiated = Negotiated(tls=True, no_zeroes=self.negotiated.no_zeroes)
-        self.state = State.OPTIONS
+        self._step(Step.TLS_STARTED)

@@ -4,12 +4,16 @@ Rules (doc/proto.md "Transmission"): requests carry a cookie the reply echoes; r
 in any order; a WRITE's payload follows its header; with structured replies negotiated, every
 reply with a payload is a chunk and READ never gets a simple reply. ``check_request`` holds the
 "SHOULD reply EINVAL/EPERM" rules so the server's policy layer never re-derives them.
+
+The server's machine also keeps the cookies awaiting a reply, so a request answered twice (or
+a reply made up for a request that never came) is caught here rather than by a confused client.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import wire
 from .constants import (
@@ -24,7 +28,7 @@ from .constants import (
     ReplyType,
     TransmissionFlag,
 )
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
     NEED_DATA,
     BlockStatusChunk,
@@ -96,46 +100,116 @@ def check_request(req: Request, limits: ExportLimits, negotiated: Negotiated) ->
     return Errno.OK, ""
 
 
-class ServerTransmission:
-    """Parses requests, frames replies in the negotiated style."""
+class TransmissionState(enum.Enum):
+    TRANSMISSION = "transmission"  # requests are parsed and answered
+    CLOSED = "closed"  # NBD_CMD_DISC came: answer what is outstanding, parse nothing more
+    ERROR = "error"
 
-    def __init__(self, negotiated: Negotiated, *, max_write_payload: int = DEFAULT_MAX_PAYLOAD):
-        self.negotiated = negotiated
-        self.closed = False
-        self._max_write = max_write_payload
+
+class _Step(enum.Enum):
+    DISCONNECT = "NBD_CMD_DISC"
+
+
+#: Every legal transition of ServerTransmission; errors lead to ERROR, by ``_fail`` only.
+_TRANSITIONS = {
+    (TransmissionState.TRANSMISSION, _Step.DISCONNECT): TransmissionState.CLOSED,
+}
+#: States in which replies may still go out. After DISC too: doc/proto.md "NBD_CMD_DISC" says
+#: the server MUST handle all outstanding requests before it closes.
+_REPLYING = frozenset({TransmissionState.TRANSMISSION, TransmissionState.CLOSED})
+
+
+class ServerTransmission:
+    """Parses requests, frames replies in the negotiated style, and checks that each request
+    gets exactly one reply (doc/proto.md "Transmission": one simple reply or one series of
+    chunks per request)."""
+
+    def __init__(self, negotiated: Negotiated, export: ExportLimits) -> None:
+        #: Our own copy: nothing the handshake does later can change how replies are framed.
+        self.negotiated = negotiated.copy()
+        self.export = export
+        self.state = TransmissionState.TRANSMISSION
         self._buffer = wire.Buffer()
         self._skipping: Request | None = None  # a WRITE whose payload is being dropped
         self._skip_left = 0
+        # Requests awaiting a reply, by cookie. A count, not a set: the spec only says a
+        # client SHOULD keep cookies of requests in flight distinct, so reuse is no error.
+        self._outstanding: dict[int, int] = {}
+        self._outstanding_total = 0
+
+    @property
+    def outstanding(self) -> int:
+        """Requests returned by ``next_event`` and not yet answered."""
+        return self._outstanding_total
+
+    @property
+    def read_header_size(self) -> int:
+        """Length of the header ``read_reply_header`` returns for a non-empty read, so one
+        buffer can be allocated for header and data before the header is made."""
+        if self.negotiated.structured_replies:
+            return wire.CHUNK_HEADER.size + wire.U64.size  # OFFSET_DATA header and its offset
+        return wire.SIMPLE_REPLY.size
+
+    def check(self, req: Request) -> tuple[Errno, str]:
+        """``check_request`` against this export and what was negotiated."""
+        return check_request(req, self.export, self.negotiated)
+
+    def _step(self, step: _Step) -> None:
+        target = _TRANSITIONS.get((self.state, step))
+        if target is None:
+            self._fail(LocalProtocolError, f"{step.value} does not fit here")
+        self.state = target
+
+    def _fail(self, kind: type[ProtocolError], message: str) -> NoReturn:
+        """The one error path: the machine ends in ERROR and stays there. A local error says
+        which state the call was made in."""
+        was, self.state = self.state, TransmissionState.ERROR
+        if issubclass(kind, LocalProtocolError):
+            message = f"{message} (in state {was.name})"
+        raise kind(message)
+
+    # -- requests -------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.closed:  # the client MUST NOT send after DISC; ignore it if it does
+        # doc/proto.md "NBD_CMD_DISC": the client MUST NOT send more; ignore it if it does.
+        if self.state is TransmissionState.TRANSMISSION:
             self._buffer.feed(data)
 
     def next_event(self) -> Request | Disconnect | NeedData:
+        if self.state is TransmissionState.ERROR:
+            self._fail(LocalProtocolError, "transmission failed earlier; drop the connection")
         if self._skipping is not None:
             self._skip_left -= self._buffer.skip(self._skip_left)
             if self._skip_left:
                 return NEED_DATA
             req, self._skipping = self._skipping, None
-            return req
-        if self.closed or len(self._buffer) < wire.REQUEST.size:
+            return self._accept(req)
+        if self.state is not TransmissionState.TRANSMISSION:
+            return NEED_DATA
+        if len(self._buffer) < wire.REQUEST.size:
             return NEED_DATA
         magic, flags, type_, cookie, offset, length = wire.REQUEST.unpack(
             self._buffer.take(wire.REQUEST.size)
         )
         if magic != REQUEST_MAGIC:
-            self.closed = True
-            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+            self._fail(RemoteProtocolError, f"bad request magic {magic:#x}")
         if type_ == Cmd.DISC:
-            self.closed = True
+            self._step(_Step.DISCONNECT)
             return Disconnect(cookie)
         req = Request(type_, flags, cookie, offset, length)
         if type_ == Cmd.WRITE and length:
-            if length > self._max_write:
-                self.closed = True
-                raise RemoteProtocolError(f"WRITE payload of {length} bytes is over the limit")
+            if length > self.export.max_payload:
+                self._fail(
+                    RemoteProtocolError,
+                    f"WRITE payload of {length} bytes is over the limit {self.export.max_payload}",
+                )
             self._skipping, self._skip_left = req, length
             return self.next_event()
+        return self._accept(req)
+
+    def _accept(self, req: Request) -> Request:
+        self._outstanding[req.cookie] = self._outstanding.get(req.cookie, 0) + 1
+        self._outstanding_total += 1
         return req
 
     def pending_bytes(self) -> int:
@@ -144,35 +218,64 @@ class ServerTransmission:
 
     # -- replies: headers only; READ data is written right after, unchanged ---------------
 
+    def _check_reply(self, cookie: int) -> None:
+        if self.state not in _REPLYING:
+            self._fail(LocalProtocolError, f"no reply is allowed (cookie {cookie:#x})")
+        if cookie not in self._outstanding:
+            self._fail(LocalProtocolError, f"no request with cookie {cookie:#x} awaits a reply")
+
+    def _retire(self, cookie: int, reply: bytes) -> bytes:
+        """The reply to one request with ``cookie`` is made: that request is answered."""
+        left = self._outstanding[cookie] - 1
+        if left:
+            self._outstanding[cookie] = left
+        else:
+            del self._outstanding[cookie]
+        self._outstanding_total -= 1
+        return reply
+
     def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
-        if self.negotiated.structured_replies:
-            if length == 0:
-                return wire.done_chunk(cookie)
-            return wire.offset_data_header(cookie, offset, length, done=True)
-        return wire.simple_reply(cookie)
+        """The header of a successful READ's reply; ``length`` bytes of data follow it."""
+        self._check_reply(cookie)
+        if not self.negotiated.structured_replies:
+            return self._retire(cookie, wire.simple_reply(cookie))
+        if length == 0:
+            return self._retire(cookie, wire.done_chunk(cookie))
+        return self._retire(cookie, wire.offset_data_header(cookie, offset, length, done=True))
 
     def ok_reply(self, cookie: int) -> bytes:
+        self._check_reply(cookie)
         if self.negotiated.structured_replies:
-            return wire.done_chunk(cookie)
-        return wire.simple_reply(cookie)
+            return self._retire(cookie, wire.done_chunk(cookie))
+        return self._retire(cookie, wire.simple_reply(cookie))
 
     def error_reply(self, cookie: int, error: Errno, message: str = "") -> bytes:
-        if error is Errno.OK:
-            raise LocalProtocolError("an error reply needs an error")
+        self._check_reply(cookie)
+        if not error:  # Errno.OK, or a plain 0: that would be a success reply
+            self._fail(LocalProtocolError, "an error reply needs an error")
         if self.negotiated.structured_replies:
-            return wire.error_chunk(cookie, error, message.encode()[:4096])
-        return wire.simple_reply(cookie, error)
+            return self._retire(cookie, wire.error_chunk(cookie, error, message.encode()[:4096]))
+        return self._retire(cookie, wire.simple_reply(cookie, error))
 
     def block_status_reply(
         self, cookie: int, per_context: list[tuple[int, list[tuple[int, int]]]]
     ) -> bytes:
+        """One chunk per context; doc/proto.md "NBD_REPLY_TYPE_BLOCK_STATUS": exactly one per
+        negotiated context, each with at least one extent."""
+        self._check_reply(cookie)
         if not self.negotiated.structured_replies:
-            raise LocalProtocolError("BLOCK_STATUS needs structured replies")
+            self._fail(LocalProtocolError, "BLOCK_STATUS needs structured replies")
+        ids = sorted(cid for cid, _ in per_context)
+        if ids != sorted(self.negotiated.meta_contexts):
+            self._fail(LocalProtocolError, f"contexts {ids} are not the negotiated ones")
+        if not all(extents for _, extents in per_context):
+            self._fail(LocalProtocolError, "a block status chunk needs at least one extent")
         last = len(per_context) - 1
-        return b"".join(
+        reply = b"".join(
             wire.block_status_chunk(cookie, cid, extents, done=i == last)
             for i, (cid, extents) in enumerate(per_context)
         )
+        return self._retire(cookie, reply)
 
 
 @dataclass(slots=True)

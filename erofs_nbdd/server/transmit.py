@@ -86,11 +86,11 @@ class Transmitter:
         self._receive = receive
         #: Whether ``send`` may be given a file range.
         self._send_files = send_files
-        self._tx = ServerTransmission(negotiated, max_write_payload=limits.max_payload)
-        self._tx.receive_data(trailing)
         self._export = ExportLimits(
             size=backend.get_size(), flags=flags, min_block=512, max_payload=limits.max_payload
         )
+        self._tx = ServerTransmission(negotiated, self._export)
+        self._tx.receive_data(trailing)
         self._budget = ByteBudget(limits.max_connection_buffer)
         self._server_budget = server_budget
         #: Requests waiting for storage; the idle timeout runs only while there are none.
@@ -124,14 +124,16 @@ class Transmitter:
                     and req.length <= INLINE_MAX
                     and (
                         reply := backend.pread_nowait(
-                            tx.read_reply_header(req.cookie, req.offset, req.length),
-                            req.offset,
-                            req.length,
+                            bytes(tx.read_header_size), req.offset, req.length
                         )
                     )
                     is not None
                 ):
                     self.stats.bytes_read += req.length
+                    # the header only now: making it retires the cookie, and a miss goes on below
+                    reply[: tx.read_header_size] = tx.read_reply_header(
+                        req.cookie, req.offset, req.length
+                    )
                     batch.add(reply)
                 elif req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):  # must wait for storage
                     await self._reserve(req, slots, batch)
@@ -184,8 +186,9 @@ class Transmitter:
             reply: bytes | bytearray
             try:
                 if req.cmd == Cmd.READ:
-                    head = tx.read_reply_header(req.cookie, req.offset, req.length)
-                    reply = await self.backend.pread(head, req.offset, req.length)
+                    n = tx.read_header_size  # the header once the read worked, else EIO
+                    reply = await self.backend.pread(bytes(n), req.offset, req.length)
+                    reply[:n] = tx.read_reply_header(req.cookie, req.offset, req.length)
                     self.stats.bytes_read += req.length
                 else:
                     extents = await self.backend.extents(req.offset, req.length)

@@ -3,10 +3,11 @@
     python -m tests.fuzz.fuzz_protocol CORPUS_DIR -max_total_time=60
 
 An input is ``[target, n, cut * n, stream...]``: the target byte picks a machine (server
-handshake, server transmission plain or structured, client handshake, client transmission
-plain or structured), the cut bytes say how the stream is split into receives, the rest is
-the stream. The layout is spelled out here rather than left to FuzzedDataProvider, which
-takes integers from the end, so that the seeds below really start where they claim.
+handshake and the transmission it hands over to, server transmission plain or structured,
+client handshake, client transmission plain or structured), the cut bytes say how the stream
+is split into receives, the rest is the stream. The layout is spelled out here rather than
+left to FuzzedDataProvider, which takes integers from the end, so that the seeds below
+really start where they claim.
 A ProtocolError is the machine refusing bad input (fine); any other exception is a crash,
 and so is a reply our own machines framed wrong.
 """
@@ -27,7 +28,7 @@ with atheris.instrument_imports():
         chunked,
         drive_client_handshake,
         drive_client_transmission,
-        drive_server_handshake,
+        drive_server_session,
         drive_server_transmission,
         good_client_stream,
         good_server_replies,
@@ -50,7 +51,7 @@ def one_input(data: bytes) -> None:
     pieces = chunked(data[2 + n :], cuts)
     with contextlib.suppress(ProtocolError, Closed):
         if target == 0:
-            drive_server_handshake(pieces)
+            drive_server_session(pieces)
         elif target in (1, 2):
             negotiated = Negotiated(structured_replies=target == 2, meta_contexts={1: "b"})
             drive_server_transmission(pieces, negotiated)

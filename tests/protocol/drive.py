@@ -14,38 +14,35 @@ from collections.abc import Iterable, Iterator
 
 from erofs_nbdd.protocol import (
     NEED_DATA,
+    AbortOption,
+    ClientFlags,
     ClientHandshake,
     ClientTransmission,
     Cmd,
+    Disconnect,
     Errno,
     ExportLimits,
-    Info,
-    Negotiated,
-    Opt,
-    Rep,
-    ServerHandshake,
-    ServerTransmission,
-    State,
-    TransmissionFlag,
-    check_request,
-    wire,
-)
-from erofs_nbdd.protocol.constants import ReplyType
-from erofs_nbdd.protocol.events import (
-    AbortOption,
-    ClientFlags,
-    Disconnect,
     ExportNameOption,
     HandshakeReply,
+    Info,
     InfoOption,
     InvalidOption,
     ListOption,
     MetaContextOption,
+    Negotiated,
+    Opt,
+    Rep,
     ReplyEvent,
+    ReplyType,
     Request,
+    ServerHandshake,
+    ServerTransmission,
     StartTLSOption,
+    State,
     StructuredReplyOption,
+    TransmissionFlag,
     UnsupportedOption,
+    wire,
 )
 
 OPTION_REPLY_MAGIC = 0x3E889045565A9
@@ -152,34 +149,65 @@ def drive_server_handshake(chunks: Iterable[bytes]) -> tuple[ServerHandshake, by
     return hs, hs.trailing_data + b"".join(pieces)  # what the transmission phase gets
 
 
+def export_limits(size: int = 1 << 20) -> ExportLimits:
+    return ExportLimits(size=size, flags=FLAGS, min_block=512, max_payload=MAX_PAYLOAD)
+
+
 def drive_server_transmission(
     chunks: Iterable[bytes], negotiated: Negotiated, size: int = 1 << 20
 ) -> list[Request]:
     """Feed requests to a server transmission machine and answer each as the server does
     (data of the right length for a good READ). Returns the requests that were served."""
-    tx = ServerTransmission(negotiated, max_write_payload=MAX_PAYLOAD)
-    limits = ExportLimits(size=size, flags=FLAGS, min_block=512, max_payload=MAX_PAYLOAD)
+    return serve(ServerTransmission(negotiated, export_limits(size)), chunks)
+
+
+def serve(tx: ServerTransmission, chunks: Iterable[bytes]) -> list[Request]:
+    """Answer every request ``tx`` parses (from what it holds, then from ``chunks``); after
+    DISC, or the end of the bytes, every request has had exactly one reply."""
+    pieces = iter(chunks)
     served: list[Request] = []
-    for chunk in chunks:
-        tx.receive_data(chunk)
-        while (event := tx.next_event()) is not NEED_DATA:
-            if isinstance(event, Disconnect):
-                return served
-            assert isinstance(event, Request)
-            error, _ = check_request(event, limits, negotiated)
-            if error is not Errno.OK:
-                tx.error_reply(event.cookie, error, "refused")
-                continue
-            if event.offset + event.length > size or event.length > MAX_PAYLOAD:
-                raise BadReply(f"{event} passed the checks but is outside the export")
-            if event.cmd == Cmd.READ:
-                tx.read_reply_header(event.cookie, event.offset, event.length)
-            elif event.cmd == Cmd.BLOCK_STATUS:
-                tx.block_status_reply(event.cookie, [(1, [(event.length, 0)])])
-            else:
-                tx.ok_reply(event.cookie)
-            served.append(event)
+    size = tx.export.size
+    while True:
+        event = tx.next_event()
+        if event is NEED_DATA:
+            if (chunk := next(pieces, None)) is None:
+                break
+            tx.receive_data(chunk)
+            continue
+        if isinstance(event, Disconnect):
+            break
+        error, _ = tx.check(event)
+        if error is not Errno.OK:
+            tx.error_reply(event.cookie, error, "refused")
+            continue
+        if event.offset + event.length > size or event.length > MAX_PAYLOAD:
+            raise BadReply(f"{event} passed the checks but is outside the export")
+        if event.cmd == Cmd.READ:
+            head = tx.read_reply_header(event.cookie, event.offset, event.length)
+            if len(head) != tx.read_header_size:
+                raise BadReply(f"READ header of {len(head)} bytes, not {tx.read_header_size}")
+        elif event.cmd == Cmd.BLOCK_STATUS:
+            tx.block_status_reply(event.cookie, [(1, [(event.length, 0)])])
+        else:
+            tx.ok_reply(event.cookie)
+        served.append(event)
+    if tx.outstanding:
+        raise BadReply(f"{tx.outstanding} requests left without a reply")
     return served
+
+
+def drive_server_session(chunks: Iterable[bytes]) -> tuple[ServerHandshake, list[Request]]:
+    """A whole session: the handshake, then (if it got there) its own transmission machine,
+    handed over with the bytes that came behind GO; the requests served."""
+    hs, after = drive_server_handshake(chunks)
+    if hs.state is not State.TRANSMISSION:
+        return hs, []
+    tx = hs.transmission(export_limits())
+    if tx.negotiated is hs.negotiated or tx.negotiated != hs.negotiated:
+        raise BadReply("the transmission machine must get a copy of the negotiated settings")
+    if tx.pending_bytes() != len(hs.trailing_data):
+        raise BadReply("the transmission machine was not fed the bytes behind the handshake")
+    return hs, serve(tx, [after[len(hs.trailing_data) :]])
 
 
 def drive_client_handshake(chunks: Iterable[bytes]) -> list[HandshakeReply]:

@@ -3,46 +3,51 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 
 from erofs_nbdd.protocol import (
     NEED_DATA,
-    ClientFlag,
-    ClientHandshake,
-    Info,
-    LocalProtocolError,
-    Opt,
-    RemoteProtocolError,
-    Rep,
-    ServerHandshake,
-    State,
-    wire,
-)
-from erofs_nbdd.protocol.constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC
-from erofs_nbdd.protocol.events import (
     AbortOption,
     BlockSizeInfo,
+    ClientFlag,
     ClientFlags,
+    ClientHandshake,
     DescriptionInfo,
+    Disconnect,
     ExportInfo,
+    ExportLimits,
     ExportNameOption,
     ExportNameReply,
+    Info,
     InfoOption,
     InvalidOption,
     ListOption,
+    LocalProtocolError,
     MetaContext,
     MetaContextOption,
     NameInfo,
+    Negotiated,
+    Opt,
     OptionAck,
     OptionError,
+    RemoteProtocolError,
+    Rep,
+    Request,
     ServerEntry,
     ServerGreeting,
+    ServerHandshake,
     StartTLSOption,
+    State,
     StructuredReplyOption,
+    TransmissionState,
     UnknownInfo,
     UnsupportedOption,
+    wire,
 )
+from erofs_nbdd.protocol.constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC
+from erofs_nbdd.protocol.handshake import TRANSITIONS, HandshakeMachine, Step
 
 from .wirehelp import feed
 
@@ -401,3 +406,194 @@ def test_description_is_capped_at_the_spec_limit() -> None:
 def test_structured_reply_option_event() -> None:
     server = server_with_flags()
     assert feed(server, wire.option(Opt.STRUCTURED_REPLY)) == [StructuredReplyOption()]
+
+
+# -- errors: one path, into ERROR, reporting the state the call was made in ----------------
+
+
+def _server_replying(opt: Opt, data: bytes = b"") -> ServerHandshake:
+    server = server_with_flags()
+    feed(server, wire.option(opt, data))
+    assert server.state is State.REPLYING
+    return server
+
+
+SERVER_MISUSE = [
+    ("ack without option", server_with_flags, lambda s: s.send_ack()),
+    ("error without option", server_with_flags, lambda s: s.send_error(Rep.ERR_UNSUP)),
+    ("server entry without LIST", server_with_flags, lambda s: s.send_server("a")),
+    ("ACK as error", lambda: _server_replying(Opt.LIST), lambda s: s.send_error(Rep.ACK)),
+    ("info to LIST", lambda: _server_replying(Opt.LIST), lambda s: s.send_info_name("x")),
+    ("ACK to unknown", lambda: _server_replying(Opt.EXTENDED_HEADERS), lambda s: s.send_ack()),
+    (
+        "GO without INFO_EXPORT",
+        lambda: _server_replying(Opt.GO, wire.info_request(b"x", ())),
+        lambda s: s.send_ack(),
+    ),
+    ("ACK to EXPORT_NAME", lambda: _server_replying(Opt.EXPORT_NAME), lambda s: s.send_ack()),
+    (
+        "error to EXPORT_NAME",
+        lambda: _server_replying(Opt.EXPORT_NAME),
+        lambda s: s.send_error(Rep.ERR_UNKNOWN),
+    ),
+    ("start_tls before ACK", server_with_flags, lambda s: s.start_tls()),
+    ("second greeting", server_with_flags, lambda s: s.greeting()),
+    (
+        "transmission before GO",
+        server_with_flags,
+        lambda s: s.transmission(ExportLimits(SIZE, FLAGS)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "call"), [case[1:] for case in SERVER_MISUSE], ids=[c[0] for c in SERVER_MISUSE]
+)
+def test_every_server_misuse_ends_in_error(
+    setup: Callable[[], ServerHandshake], call: Callable[[ServerHandshake], object]
+) -> None:
+    server = setup()
+    was = server.state
+    with pytest.raises(LocalProtocolError) as caught:
+        call(server)
+    assert server.state is State.ERROR
+    # the message names the state the call was made in, not the ERROR it led to
+    assert f"in state {was.name}" in str(caught.value) and "ERROR" not in str(caught.value)
+
+
+def _client(state: State) -> ClientHandshake:
+    client = ClientHandshake()
+    if state is not State.AWAIT_GREETING:
+        feed(client, ServerHandshake().greeting())
+    if state in (State.OPTIONS, State.REPLYING):
+        client.send_client_flags()
+    if state is State.REPLYING:
+        client.opt_list()
+    assert client.state is state
+    return client
+
+
+CLIENT_MISUSE = [
+    ("flags before the greeting", State.AWAIT_GREETING, lambda c: c.send_client_flags()),
+    ("flags twice", State.OPTIONS, lambda c: c.send_client_flags()),
+    ("option before the flags", State.AWAIT_CLIENT_FLAGS, lambda c: c.opt_list()),
+    ("option while one is open", State.REPLYING, lambda c: c.opt_go("x")),
+    ("start_tls before ACK", State.OPTIONS, lambda c: c.start_tls()),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "call"), [case[1:] for case in CLIENT_MISUSE], ids=[c[0] for c in CLIENT_MISUSE]
+)
+def test_every_client_misuse_ends_in_error(
+    state: State, call: Callable[[ClientHandshake], object]
+) -> None:
+    client = _client(state)
+    with pytest.raises(LocalProtocolError) as caught:
+        call(client)
+    assert client.state is State.ERROR
+    assert f"in state {state.name}" in str(caught.value) and "ERROR" not in str(caught.value)
+
+
+def test_after_an_error_the_machines_stay_in_error() -> None:
+    server = _server_replying(Opt.LIST)
+    with pytest.raises(LocalProtocolError):
+        server.send_error(Rep.ACK)
+    server.receive_data(wire.option(Opt.LIST))
+    for call in (server.next_event, server.send_ack, lambda: server.send_error(Rep.ERR_UNSUP)):
+        with pytest.raises(LocalProtocolError):
+            call()
+        assert server.state is State.ERROR
+    client = _client(State.REPLYING)
+    client.receive_data(b"\0" * 20)
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+    client.receive_data(wire.option_reply(Opt.LIST, Rep.ACK))
+    for misuse in (client.next_event, client.opt_list, client.send_client_flags):
+        with pytest.raises(LocalProtocolError):
+            misuse()
+        assert client.state is State.ERROR
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_only_the_table_moves_a_machine(state: State) -> None:
+    """Each step either follows TRANSITIONS or fails into ERROR; no state is left otherwise."""
+    for step in Step:
+        machine = HandshakeMachine()
+        machine.state = state
+        if (state, step) in TRANSITIONS:
+            machine._step(step)
+            assert machine.state is TRANSITIONS[state, step]
+        else:
+            with pytest.raises(LocalProtocolError, match=f"in state {state.name}"):
+                machine._step(step)
+            assert machine.state is State.ERROR
+    # ERROR is in no transition: only the one error path leads there, and nothing leads out
+    assert State.ERROR not in {s for s, _ in TRANSITIONS} | set(TRANSITIONS.values())
+
+
+def test_client_takes_an_ack_to_an_option_it_does_not_know() -> None:
+    client = _client(State.OPTIONS)
+    client.opt_raw(999)
+    assert feed(client, wire.option_reply(999, Rep.ACK)) == [OptionAck(999)]
+    assert client.state is State.OPTIONS
+
+
+def test_client_forgets_contexts_when_set_meta_context_fails() -> None:
+    server, client = started()
+    feed(server, client.opt_structured_reply())
+    feed(client, server.send_ack())
+    feed(server, client.opt_set_meta_context("img", ("base:allocation",)))
+    reply = server.send_meta_context(1, "base:allocation", "img") + server.send_error(
+        Rep.ERR_UNKNOWN
+    )
+    assert feed(client, reply)[-1] == OptionError(Opt.SET_META_CONTEXT, Rep.ERR_UNKNOWN, "")
+    assert client.negotiated.meta_contexts == {} == server.negotiated.meta_contexts
+
+
+# -- hand-over to transmission -----------------------------------------------------------
+
+
+def _after_go(extra: bytes = b"") -> ServerHandshake:
+    server, client = started()
+    feed(server, client.opt_structured_reply())
+    feed(client, server.send_ack())
+    feed(server, client.opt_set_meta_context("img", ("base:allocation",)))
+    feed(client, server.send_meta_context(1, "base:allocation", "img") + server.send_ack())
+    assert feed(server, client.opt_go("img") + extra) == [InfoOption("img", (), go=True)]
+    server.send_info_export(SIZE, FLAGS)
+    server.send_ack()
+    assert server.state is State.TRANSMISSION
+    return server
+
+
+def test_transmission_gets_its_own_settings_and_the_bytes_after_go() -> None:
+    export = ExportLimits(SIZE, FLAGS, min_block=512)
+    server = _after_go(wire.request(0, 7, 0, 512) + wire.request(2, 8, 0, 0)[:5])
+    tx = server.transmission(export)
+    assert tx.export is export and tx.state is TransmissionState.TRANSMISSION
+    assert tx.negotiated == server.negotiated
+    # later changes to the handshake's settings do not reach the transmission machine
+    server.negotiated.structured_replies = False
+    server.negotiated.meta_contexts[2] = "other"
+    contexts = {1: "base:allocation"}
+    assert tx.negotiated == Negotiated(True, contexts, meta_export="img", no_zeroes=True)
+    assert tx.next_event() == Request(0, 0, 7, 0, 512)
+    assert tx.outstanding == 1 and tx.next_event() is NEED_DATA
+    tx.receive_data(wire.request(2, 8, 0, 0)[5:])
+    assert tx.next_event() == Disconnect(8)
+    assert server.trailing_data  # still there, for callers that read it
+
+
+def test_transmission_after_export_name() -> None:
+    server = server_with_flags()
+    feed(server, wire.option(Opt.EXPORT_NAME, b"x") + wire.request(0, 1, 0, 512))
+    with pytest.raises(LocalProtocolError, match="in state REPLYING"):
+        server.transmission(ExportLimits(SIZE, FLAGS))
+    server = server_with_flags()
+    feed(server, wire.option(Opt.EXPORT_NAME, b"x") + wire.request(0, 1, 0, 512))
+    server.send_export_name_reply(SIZE, FLAGS)
+    tx = server.transmission(ExportLimits(SIZE, FLAGS))
+    assert tx.next_event() == Request(0, 0, 1, 0, 512)
+    assert not tx.negotiated.structured_replies
+    assert tx.read_header_size == 16

@@ -15,18 +15,34 @@ from hypothesis import strategies as st
 
 from erofs_nbdd.protocol import (
     NEED_DATA,
+    BlockSizeInfo,
     ClientHandshake,
     ClientTransmission,
     Cmd,
     CmdFlag,
+    DataChunk,
+    DescriptionInfo,
     Errno,
+    ErrorChunk,
+    ExportInfo,
+    ExportLimits,
     Info,
+    InfoOption,
+    MetaContext,
+    MetaContextOption,
+    NameInfo,
     Negotiated,
     Opt,
+    OptionAck,
+    OptionError,
     ProtocolError,
     Rep,
+    ReplyType,
+    Request,
+    ServerEntry,
     ServerHandshake,
     ServerTransmission,
+    SimpleReply,
     State,
     wire,
 )
@@ -35,23 +51,6 @@ from erofs_nbdd.protocol.constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ReplyFlag,
-    ReplyType,
-)
-from erofs_nbdd.protocol.events import (
-    BlockSizeInfo,
-    DataChunk,
-    DescriptionInfo,
-    ErrorChunk,
-    ExportInfo,
-    InfoOption,
-    MetaContext,
-    MetaContextOption,
-    NameInfo,
-    OptionAck,
-    OptionError,
-    Request,
-    ServerEntry,
-    SimpleReply,
 )
 
 from .drive import (
@@ -62,6 +61,7 @@ from .drive import (
     drive_client_handshake,
     drive_client_transmission,
     drive_server_handshake,
+    drive_server_session,
     drive_server_transmission,
     good_client_stream,
     good_server_replies,
@@ -157,6 +157,22 @@ def test_server_transmission_takes_any_bytes(
     negotiated = Negotiated(structured_replies=structured, meta_contexts={1: "base:allocation"})
     with contextlib.suppress(ProtocolError):
         drive_server_transmission(chunked(data + tail, cuts), negotiated)
+
+
+@SETTINGS
+@given(client_stream(), st.lists(request_bytes(), max_size=6).map(b"".join), sizes)
+def test_server_session_takes_any_bytes(data: bytes, requests: bytes, cuts: list[int]) -> None:
+    """Handshake, hand-over and transmission in one stream: every request parsed after GO
+    is answered exactly once (``serve`` checks), or the input is refused."""
+    with contextlib.suppress(ProtocolError, Closed):
+        drive_server_session(chunked(data + requests, cuts))
+
+
+@pytest.mark.parametrize("cuts", [[1], [7, 3], [10000]])
+def test_good_client_stream_is_served_after_the_hand_over(cuts: list[int]) -> None:
+    hs, served = drive_server_session(chunked(good_client_stream(), cuts))
+    assert hs.state is State.TRANSMISSION
+    assert served == [Request(Cmd.READ, 0, 1, 0, 4096)]
 
 
 @st.composite
@@ -348,7 +364,7 @@ def test_requests_and_replies_round_trip(
 ) -> None:
     negotiated = Negotiated(structured_replies=structured, meta_contexts={1: "base:allocation"})
     client = ClientTransmission(negotiated)
-    server = ServerTransmission(negotiated)
+    server = ServerTransmission(negotiated, ExportLimits(size=2**64 - 1, flags=0))
     sent = {}
     wire_bytes = b""
     for cmd, offset, length, flags in requests:
@@ -387,5 +403,5 @@ def test_requests_and_replies_round_trip(
         else:
             seen.setdefault(getattr(event, "cookie", -1), b"")
     assert seen == expect
-    assert client.in_flight == 0
+    assert client.in_flight == 0 and server.outstanding == 0
     assert client.next_event() is NEED_DATA

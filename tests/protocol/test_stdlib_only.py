@@ -2,6 +2,7 @@
 
 import ast
 import sys
+import types
 from pathlib import Path
 
 import erofs_nbdd.protocol
@@ -28,3 +29,23 @@ def test_protocol_imports_only_pure_stdlib_modules() -> None:
         outside = {n for n in imported if n not in sys.stdlib_module_names}
         assert not outside, f"{path.name} imports {outside}"
         assert not imported & FORBIDDEN, f"{path.name} imports {imported & FORBIDDEN}"
+
+
+def test_every_event_class_is_exported_by_the_package() -> None:
+    """Callers import events from the package; ``events`` itself must keep working too."""
+    from erofs_nbdd.protocol import events
+
+    public = {
+        name
+        for name, value in vars(events).items()
+        if not name.startswith("_")
+        and (
+            isinstance(value, types.UnionType)  # OptionEvent, HandshakeReply, ReplyEvent
+            or (isinstance(value, type) and value.__module__ == events.__name__)
+        )
+    }
+    assert {"InfoOption", "Request", "ReplyEvent", "NeedData", "NoneChunk"} <= public
+    missing = public - set(erofs_nbdd.protocol.__all__)
+    assert not missing, f"not in erofs_nbdd.protocol.__all__: {sorted(missing)}"
+    for name in public:
+        assert getattr(erofs_nbdd.protocol, name) is getattr(events, name)
