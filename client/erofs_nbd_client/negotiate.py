@@ -42,7 +42,8 @@ from erofs_nbdd.protocol.events import (
     ServerEntry,
     SimpleReply,
 )
-from erofs_nbdd.transport.tls import TLSStream
+from erofs_nbdd.transport.stream import StreamTransport
+from erofs_nbdd.transport.tls import TLSTransport
 
 if TYPE_CHECKING:
     import ssl
@@ -82,11 +83,10 @@ class ExportDetails:
     contexts: dict[int, str] = field(default_factory=dict)
 
 
-async def _receive(stream: trio.abc.Stream) -> bytes:
+async def _receive(stream: trio.abc.Stream, *, tls: bool = False) -> bytes:
     # TLS 1.3: a server that refuses our certificate (or its absence) is only noticed after
     # our side of the handshake has completed, as a lost connection.
-    hint = " (the server may require a client certificate signed by its CA)"
-    hint = hint if isinstance(stream, TLSStream) else ""
+    hint = " (the server may require a client certificate signed by its CA)" if tls else ""
     try:
         data = await stream.receive_some(RECEIVE_SIZE)
     except trio.BrokenResourceError as exc:
@@ -102,13 +102,14 @@ class Handshake:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.machine = ClientHandshake()
+        self.tls = False
 
     async def _event(self) -> object:
         while True:
             event = self.machine.next_event()
             if event is not NEED_DATA:
                 return event
-            self.machine.receive_data(await _receive(self.stream))
+            self.machine.receive_data(await _receive(self.stream, tls=self.tls))
 
     async def start(self) -> None:
         """Read the greeting and answer with our flags."""
@@ -141,12 +142,17 @@ class Handshake:
                 exc.rep,
             ) from None
         self.machine.start_tls()
-        stream = TLSStream(self.stream, context, server_hostname=server_hostname)
+        # TLS over whatever stream it is (a socket, a socketpair end, memory in tests); the
+        # TLS transport closes it when it is closed.
+        stream = TLSTransport(
+            StreamTransport(self.stream), context, server_hostname=server_hostname
+        )
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
             raise NegotiationError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
         self.stream = stream
+        self.tls = True
 
     async def list_exports(self) -> list[ServerEntry]:
         return [

@@ -1,12 +1,15 @@
 """One client connection: the handshake, then the transmission phase (``transmit.py``).
 
 Policy lives here (which export, which limits, TLS); the protocol machines decide what is
-legal. The connection owns the stream: sends, receives that a shutdown may cancel, and the
-idle and reply timeouts.
+legal. The connection owns what it opens, from the moment it opens it, in one exit stack:
+the TLS transport it wraps around the server's after STARTTLS, and the backend GO or
+EXPORT_NAME selects, so a reply that cannot be sent (the client gone, a cancelled
+handshake, a shutdown) leaks neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -15,48 +18,44 @@ import trio
 from ..protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
-    Info,
-    Opt,
-    Rep,
-    ServerHandshake,
-    State,
-    TransmissionFlag,
-)
-from ..protocol.events import (
     AbortOption,
     ClientFlags,
+    ExportLimits,
     ExportNameOption,
+    Info,
     InfoOption,
     InvalidOption,
     ListOption,
     MetaContextOption,
+    Opt,
     OptionEvent,
+    Rep,
+    ServerHandshake,
     StartTLSOption,
+    State,
     StructuredReplyOption,
+    TransmissionFlag,
     UnsupportedOption,
 )
-from ..storage.backends import Backend, FileBackend
-from ..transport import ktls
+from ..storage.file import FileBackendFactory
 from ..transport.contexts import TLSMode, peer_common_name, peer_subject
-from ..transport.ktls import KernelTLSStream
-from ..transport.plain import FastLock, FastSocketStream, SourceFailed
-from ..transport.tls import TLSStream
+from ..transport.sealing import Sealing
 from .budget import ByteBudget
-from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused, Stats
-from .transmit import CONTEXT_ID, FileRange, Transmitter
+from .outcome import ClientGone, LimitExceeded, Refused, Stats
+from .transmit import CONTEXT_ID, Transmitter
 
 if TYPE_CHECKING:
     import ssl
 
     from ..config import ServerConfig
+    from ..storage.backend import Backend, BackendFactory
     from ..storage.exports import Export, ExportDirectory
+    from ..transport.base import Transport
     from ..transport.keylog import KeyLog
 
 log = logging.getLogger("erofs_nbdd.connection")
 
 RECEIVE_SIZE = 256 * 1024
-#: Streams that take a reply's data as a file range (``send_file``).
-FILE_STREAMS = (FastSocketStream, TLSStream, KernelTLSStream)
 BASE_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
@@ -68,15 +67,18 @@ BASE_FLAGS = (
 class Connection:
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        transport: Transport,
         peer: str,
         config: ServerConfig,
         exports: ExportDirectory,
         ssl_context: ssl.SSLContext | None = None,
+        *,
         server_budget: ByteBudget | None = None,
         keys: KeyLog | None = None,
+        backends: BackendFactory | None = None,
     ) -> None:
-        self.stream = stream
+        #: The server's transport, then (after STARTTLS) the TLS one this connection owns.
+        self.transport = transport
         self.ssl_context = ssl_context
         self._keys = keys
         self.tls = config.tls
@@ -85,84 +87,24 @@ class Connection:
         self.config = config
         self.limits = config.limits
         self.exports = exports
+        self._backends = backends or FileBackendFactory(io_uring=config.io_uring)
         self.stats = Stats()
         self.handshake = ServerHandshake(max_option_length=config.limits.max_option_length)
         self._handshake_scope = trio.CancelScope()
-        self._receive_scope: trio.CancelScope | None = None
         self._stopping = False
-        self._send_lock = FastLock()
+        self._stack = contextlib.AsyncExitStack()
         self._backend: Backend | None = None
         self._export: Export | None = None
         self._options = 0
         self._option_budget = config.limits.max_options
         self._server_budget = server_budget or ByteBudget(config.limits.max_server_buffer)
         self._tx: Transmitter | None = None
-        # The reply timeout lives in the socket stream, so a timer exists only while a send
-        # is blocked (and covers TLS, whose records go through the same socket).
-        self._socket = stream if isinstance(stream, FastSocketStream) else None
-        #: --busy-poll in seconds: while no read of this connection waits for storage, a receive
-        #: retries this long before sleeping (TLS reads go through the socket too).
-        self._spin = config.busy_poll_us / 1e6
-        if self._socket is not None:
-            self._socket.spin = self._spin
-            if config.limits.reply_timeout > 0:
-                self._socket.send_timeout = config.limits.reply_timeout
 
-    # -- I/O helpers ---------------------------------------------------------------------
-
-    async def _send(self, data: bytes | bytearray, file: FileRange | None = None) -> None:
-        """``data``, then the bytes of ``file`` if given (``Transmitter.send_files``): from
-        the page cache by the kernel, or a slice at a time through TLS in this process."""
-        async with self._send_lock:
-            try:
-                if file is None:
-                    await self.stream.send_all(data)
-                else:
-                    assert isinstance(self.stream, FILE_STREAMS)
-                    await self.stream.send_file(data, *file)
-            except SourceFailed as exc:
-                raise ImageFailed(str(exc)) from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGone("connection lost while sending") from exc
-            except trio.TooSlowError:  # the socket's send_timeout: see __init__
-                timeout = self.limits.reply_timeout
-                raise LimitExceeded(
-                    f"client read no reply for {timeout:g} s (reply timeout)"
-                ) from None
+    async def _send(self, data: bytes | bytearray) -> None:
+        await self.transport.send_all(data)
 
     async def _receive(self) -> bytes:
-        try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ClientGone("connection reset") from exc
-        return bytes(data)
-
-    async def _receive_requests(self) -> bytes | None:
-        """Bytes of further requests; None once the server is stopping. Only this wait is
-        ever cancelled by a shutdown, never a reply being written."""
-        if self._stopping:
-            return None
-        waiting = self._tx is not None and self._tx.in_flight > 0
-        if self._socket is not None:
-            # No spin while a read waits for storage: the spin would delay its result (on a
-            # thread, it kept the GIL from it: cold 4 KiB reads at QD1 took 450 us, not 380).
-            self._socket.spin = 0.0 if waiting else self._spin
-        if self._socket is not None and self.stream is self._socket:  # plaintext: try first
-            try:
-                data = self._socket.receive_nowait(RECEIVE_SIZE, self._socket.spin)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGone("connection reset") from exc
-            if data is not None:
-                return data
-        idle = self.limits.idle_timeout
-        if idle <= 0 or waiting:
-            idle = float("inf")
-        with trio.CancelScope() as scope:
-            self._receive_scope = scope
-            with trio.move_on_after(idle):
-                return await self._receive()
-            raise LimitExceeded(f"no request for {idle:g} s (idle timeout)")
-        return None
+        return bytes(await self.transport.receive_some(RECEIVE_SIZE))
 
     # -- whole life ----------------------------------------------------------------------
 
@@ -172,16 +114,18 @@ class Connection:
         self.stats.ended = "server shutdown"
         self._stopping = True
         self._handshake_scope.cancel()
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        if self._tx is not None:
+            self._tx.stop()
 
     async def run(self) -> None:
-        done = False
-        with self._handshake_scope, trio.fail_after(self.limits.handshake_timeout):
-            await self._send(self.handshake.greeting())
-            done = await self._negotiate()
-        if done:
-            await self._transmit()
+        """The whole connection; everything it opened is closed when this returns."""
+        async with self._stack:
+            done = False
+            with self._handshake_scope, trio.fail_after(self.limits.handshake_timeout):
+                await self._send(self.handshake.greeting())
+                done = await self._negotiate()
+            if done:
+                await self._transmit()
 
     async def _negotiate(self) -> bool:
         """Run the handshake; True when transmission starts, False when the client left."""
@@ -277,26 +221,21 @@ class Connection:
             return
         await self._send(hs.send_ack())
         hs.start_tls()  # plaintext that came after STARTTLS is an injection: dropped here
-        stream = self._tls_stream(self.ssl_context)
-        self.stream = stream
+        sealing = Sealing(self._keys) if self._keys is not None else None
         try:
-            await stream.do_handshake()
+            tls = self.transport.start_tls(self.ssl_context, sealing)
+        except OSError as exc:  # no descriptor to spare
+            raise Refused(f"TLS could not start: {exc}") from exc
+        self._stack.push_async_callback(tls.aclose)
+        self.transport = tls
+        try:
+            await tls.do_handshake()
         except trio.BrokenResourceError as exc:
             raise Refused(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
-        cert = stream.getpeercert()
+        cert = tls.peer_certificate()
         self._client_name = peer_common_name(cert)
-        self.stats.tls = stream.describe()
+        self.stats.tls = tls.describe()
         self.stats.client = peer_subject(cert) or "-"
-
-    def _tls_stream(self, context: ssl.SSLContext) -> TLSStream | KernelTLSStream:
-        """OpenSSL on the socket itself where the kernel may take the keys, else on a
-        memory BIO (see ktls.py)."""
-        if ktls.enabled(context) and self._socket is not None:
-            try:
-                return KernelTLSStream(self._socket, context)
-            except OSError as exc:  # no descriptor to spare: TLS in this process, as before
-                log.warning("%s: kernel TLS not used: %s", self.peer, exc)
-        return TLSStream(self.stream, context, server_side=True, keys=self._keys)
 
     def _flags(self) -> int:
         flags = BASE_FLAGS
@@ -304,13 +243,11 @@ class Connection:
             flags |= TransmissionFlag.SEND_DF  # a READ is always one chunk here
         return int(flags)
 
-    def _open(self, export: Export) -> FileBackend:
-        return FileBackend(
-            export.path,
-            preferred_block=max(512, export.superblock.block_size),
-            max_payload=self.limits.max_payload,
-            io_uring=self.config.io_uring,
-        )
+    def _open(self, export: Export) -> Backend:
+        """The export's backend, owned by this connection from here on."""
+        backend = self._backends(export)
+        self._stack.callback(backend.close)
+        return backend
 
     async def _info(self, event: InfoOption) -> None:
         hs = self.handshake
@@ -318,7 +255,7 @@ class Connection:
         if isinstance(found, tuple):
             await self._send(hs.send_error(*found))
             return
-        backend: FileBackend | None = None
+        size = found.size
         if event.go:
             try:
                 backend = self._open(found)
@@ -326,7 +263,8 @@ class Connection:
                 log.warning("%s: cannot open %s: %s", self.peer, found.path, exc)
                 await self._send(hs.send_error(Rep.ERR_UNKNOWN, f"cannot open export: {exc}"))
                 return
-        parts = [hs.send_info_export(found.size, self._flags())]
+            size = self._select(found, backend)
+        parts = [hs.send_info_export(size, self._flags())]
         if Info.NAME in event.requests:
             parts.append(hs.send_info_name(found.name))
         if Info.DESCRIPTION in event.requests:
@@ -335,17 +273,17 @@ class Connection:
             parts.append(
                 hs.send_info_block_size(512, found.superblock.block_size, self.limits.max_payload)
             )
-        if event.go:
-            self._select(found, backend)
         parts.append(hs.send_ack())
         await self._send(b"".join(parts))
 
-    def _select(self, export: Export, backend: Backend | None) -> None:
+    def _select(self, export: Export, backend: Backend) -> int:
+        """Serve ``export`` from ``backend``; its size as the backend sees it."""
         self._export, self._backend = export, backend
         self.stats.export = export.name
         negotiated = self.handshake.negotiated
         if negotiated.meta_export != export.name:
             negotiated.meta_contexts = {}  # contexts were chosen for another export
+        return backend.get_size()
 
     async def _meta_context(self, event: MetaContextOption) -> None:
         hs = self.handshake
@@ -375,28 +313,29 @@ class Connection:
             backend = self._open(found)
         except OSError as exc:
             raise ClientGone(f"cannot open {found.path}: {exc}") from exc
-        self._select(found, backend)
-        await self._send(self.handshake.send_export_name_reply(found.size, self._flags()))
+        size = self._select(found, backend)
+        await self._send(self.handshake.send_export_name_reply(size, self._flags()))
 
     # -- transmission --------------------------------------------------------------------
 
     async def _transmit(self) -> None:
         assert self._backend is not None
-        self._tx = Transmitter(
-            backend=self._backend,
-            negotiated=self.handshake.negotiated,
-            trailing=self.handshake.trailing_data,
+        export = ExportLimits(
+            size=self._backend.get_size(),
             flags=self._flags(),
+            min_block=512,
+            max_payload=self.limits.max_payload,
+        )
+        self._tx = Transmitter(
+            transport=self.transport,
+            backend=self._backend,
+            tx=self.handshake.transmission(export),
             limits=self.limits,
             server_budget=self._server_budget,
             stats=self.stats,
             peer=self.peer,
             verbose=self.config.verbose,
-            send=self._send,
-            receive=self._receive_requests,
-            send_files=isinstance(self.stream, FILE_STREAMS),
         )
-        try:
-            await self._tx.run()
-        finally:
-            self._backend.close()
+        if self._stopping:  # the shutdown came as the handshake ended
+            self._tx.stop()
+        await self._tx.run()

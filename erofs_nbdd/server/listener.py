@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import logging
+import math
 import os
 import resource
 import select
@@ -15,11 +15,13 @@ import trio
 from ..protocol import ProtocolError
 from ..storage import uring
 from ..storage.exports import ExportDirectory
+from ..storage.file import FileBackendFactory
 from ..transport import ktls
+from ..transport.base import Policy, ReplyTimeout
 from ..transport.contexts import TLSMode, server_context
 from ..transport.keylog import KeyLog
 from ..transport.listen import bind, close_all, describe, parse_listen
-from ..transport.plain import FastSocketStream
+from ..transport.plain import PlainTransport
 from .balance import DEFER, POLL
 from .budget import ByteBudget
 from .connection import Connection
@@ -29,7 +31,9 @@ if TYPE_CHECKING:
     import socket
 
     from ..config import ServerConfig
+    from ..storage.backend import BackendFactory
     from .balance import Seat
+    from .outcome import Stats
 
 log = logging.getLogger("erofs_nbdd.server")
 
@@ -44,20 +48,6 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
         return "unix", "unix"
     host, port = name[0], name[1]
     return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-#: accept() failures that concern one connection (or none), not the listening socket: EAGAIN
-#: (another worker took it) and the ones trio's SocketListener, used before, retried quietly
-#: (EPERM is Linux's answer when a firewall denies the connection).
-_RETRY_ACCEPT = frozenset(
-    getattr(errno, name)
-    for name in (
-        "EAGAIN", "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
-        "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
-        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
-    )
-    if hasattr(errno, name)
-)  # fmt: skip
 
 
 def bind_listen(listen: tuple[str, ...]) -> list[socket.socket]:
@@ -93,8 +83,21 @@ def raise_file_limit(wanted: int) -> int:
 class Server:
     """One server: its listeners, its connections, and how it stops."""
 
-    def __init__(self, config: ServerConfig, seat: Seat | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        seat: Seat | None = None,
+        *,
+        backends: BackendFactory | None = None,
+    ) -> None:
         self.config = config
+        #: Opens each connection's backend (the image files, unless told otherwise).
+        self._backends = backends or FileBackendFactory(io_uring=config.io_uring)
+        limits = config.limits
+        self._policy = Policy(
+            reply_timeout=limits.reply_timeout if limits.reply_timeout > 0 else math.inf,
+            busy_poll=config.busy_poll_us / 1e6,
+        )
         #: With --workers, this worker's place on the shared load board.
         self._seat = seat
         #: Connections accepted and not yet closed (refused ones too, while refusing).
@@ -193,43 +196,47 @@ class Server:
             log.info("reads that miss the page cache go through io_uring")
 
     async def _accept(self, sock: socket.socket, nursery: trio.Nursery) -> None:
-        """Take connections from one listening socket until cancelled, then close it."""
+        """Take connections from one listening socket until cancelled, then close it.
+        trio's listener retries what concerns one connection only (a client that gave up,
+        a firewall's EPERM); anything else (EMFILE and friends) backs off here."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:
             while True:
                 await trio.lowlevel.wait_readable(sock)
-                await self._turn(sock)
+                if not await self._turn(sock):
+                    continue  # another worker took it
                 try:
-                    conn, _ = sock.accept()
+                    stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno not in _RETRY_ACCEPT:  # EMFILE and friends: back off
-                        log.warning("accept failed: %s", exc)
-                        await trio.sleep(0.1)
-                    continue  # else another worker took it, or the client gave up
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
                 self._count(+1)
-                nursery.start_soon(self._handle_accepted, conn)
+                nursery.start_soon(self._handle_accepted, stream)
         finally:
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
-    async def _turn(self, sock: socket.socket) -> None:
-        """Return when this process should take the pending connection: at once unless
-        another worker holds fewer connections; else once it took it or DEFER passed."""
+    async def _turn(self, sock: socket.socket) -> bool:
+        """Whether this process should take the pending connection: at once unless another
+        worker holds fewer connections; else once DEFER passed, if it is still there."""
         if self._seat is None:
-            return
+            return True
         deadline = trio.current_time() + DEFER
         while not self._seat.least_loaded() and trio.current_time() < deadline:
             await trio.sleep(POLL)
             if not _pending(sock):
-                return
+                return False
+        return _pending(sock)
 
     def _count(self, change: int) -> None:
         self._held += change
         if self._seat is not None:
             self._seat.hold(self._held)
 
-    async def _handle_accepted(self, conn: socket.socket) -> None:
+    async def _handle_accepted(self, stream: trio.SocketStream) -> None:
         try:
-            await self.handle(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+            await self.handle(stream)
         finally:
             self._count(-1)
 
@@ -248,37 +255,33 @@ class Server:
             await trio.aclose_forcefully(stream)
             return
         self._per_client[host] = mine + 1
+        transport = PlainTransport(stream, self._policy)
         conn = Connection(
-            FastSocketStream(stream),
-            peer, self.config, self.exports, self.ssl_context, server_budget=self.budget,
+            transport,
+            peer,
+            self.config,
+            self.exports,
+            self.ssl_context,
+            server_budget=self.budget,
             keys=self.keys,
-        )  # fmt: skip
+            backends=self._backends,
+        )
         self.connections.add(conn)
         start = time.monotonic()
         level = logging.WARNING  # a connection that ended badly is worth a warning
         try:
             await conn.run()
             level = logging.INFO
-        except trio.TooSlowError:
-            conn.stats.ended = "handshake timeout (limit)"
-        except LimitExceeded as exc:
-            conn.stats.ended = f"limit: {exc}"
-        except Refused as exc:
-            conn.stats.ended = f"refused: {exc}"
-        except ImageFailed as exc:
-            conn.stats.ended = f"image failed mid-reply: {exc}"
-        except ClientGone as exc:
-            if conn.stats.ended == "closed":
-                conn.stats.ended = str(exc)
-            level = logging.INFO
-        except ProtocolError as exc:
-            conn.stats.ended = f"protocol error: {exc}"
         except trio.Cancelled:
             conn.stats.ended = "server shutdown (grace period over)"
             raise
         except Exception as exc:  # one client's bug must never take the server down
-            log.exception("%s: internal error", peer)
-            conn.stats.ended = f"internal error: {exc!r}"
+            ended = _ended(conn.stats, exc)
+            if ended is None:
+                log.exception("%s: internal error", peer)
+                conn.stats.ended = f"internal error: {exc!r}"
+            else:
+                level = ended
         finally:
             self.connections.discard(conn)
             left = self._per_client[host] - 1
@@ -288,9 +291,7 @@ class Server:
                 del self._per_client[host]
             with trio.CancelScope(shield=True):
                 try:
-                    with trio.move_on_after(1):
-                        await conn.stream.aclose()  # over TLS this sends close_notify
-                    await trio.aclose_forcefully(conn.stream)
+                    await transport.aclose()  # the connection closed what it wrapped
                 except Exception:  # nor may a failure to close
                     log.exception("%s: closing the connection failed", peer)
                     await trio.aclose_forcefully(stream)
@@ -299,9 +300,9 @@ class Server:
                 level,
                 "%s export=%s requests=%d bytes_read=%d errors=%d duration=%.3fs tls=%s "
                 "client=%s ended=%s",
-                peer, s.export, s.requests, s.bytes_read, s.errors,
-                time.monotonic() - start, s.tls, s.client, s.ended,
-            )  # fmt: skip
+                *(peer, s.export, s.requests, s.bytes_read, s.errors),
+                *(time.monotonic() - start, s.tls, s.client, s.ended),
+            )
 
     def shutdown(self) -> None:
         """Stop accepting, stop reading new requests, give in-flight ones the grace period."""
@@ -312,7 +313,32 @@ class Server:
 
 
 async def serve(
-    config: ServerConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    config: ServerConfig,
+    *,
+    backends: BackendFactory | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a ``Server`` for ``config`` until cancelled."""
-    await Server(config).run(task_status=task_status)
+    await Server(config, backends=backends).run(task_status=task_status)
+
+
+def _ended(stats: Stats, exc: Exception) -> int | None:
+    """Record how a connection ended by ``exc``; the log level that deserves, or None for
+    an internal error."""
+    if isinstance(exc, ReplyTimeout | LimitExceeded):
+        stats.ended = f"limit: {exc}"
+    elif isinstance(exc, trio.TooSlowError):
+        stats.ended = "handshake timeout (limit)"
+    elif isinstance(exc, Refused):
+        stats.ended = f"refused: {exc}"
+    elif isinstance(exc, ImageFailed):
+        stats.ended = f"image failed mid-reply: {exc}"
+    elif isinstance(exc, ProtocolError):
+        stats.ended = f"protocol error: {exc}"
+    elif isinstance(exc, ClientGone | trio.BrokenResourceError | trio.ClosedResourceError):
+        if stats.ended == "closed":
+            stats.ended = str(exc) if isinstance(exc, ClientGone) else f"connection lost: {exc}"
+        return logging.INFO
+    else:
+        return None
+    return logging.WARNING

@@ -7,9 +7,9 @@ page cache encrypted by the kernel: no copy through this process and no encrypti
 GIL, the same zero-copy path as plaintext. Receiving stays in OpenSSL (requests are small).
 
 The kernel needs the ``tls`` module (CONFIG_TLS); without it the server keeps TLS on a memory
-BIO (``tlsstream.py``), and where the kernel refuses the cipher, OpenSSL encrypts on the same
+BIO (``tls.py``), and where the kernel refuses the cipher, OpenSSL encrypts on the same
 socket: only speed differs. The server
-context sends no session tickets and never starts a key update (see ``tls.py``): the kernel
+context sends no session tickets and never starts a key update (see ``contexts.py``): the kernel
 would have to carry them as control records.
 """
 
@@ -19,12 +19,20 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from .plain import FastLock, FastSocketStream
-from .tls import TLSSession, data_slices, file_slices
+from .base import SecureTransport, reply_deadline
+from .lock import FastLock
+from .slices import data_slices, file_slices
+from .tls import TLSSession
+
+if TYPE_CHECKING:
+    from ..ranges import FileRange
+    from .plain import PlainTransport
 
 #: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
 OP_ENABLE_KTLS = 1 << 3
@@ -61,21 +69,28 @@ def sending(sock: socket.socket) -> bool:
     return True
 
 
-class KernelTLSStream(TLSSession, trio.abc.Stream):
+class KernelTLSTransport(TLSSession, SecureTransport):
     """TLS on a socket OpenSSL drives itself, so it can hand the keys to the kernel.
 
-    With the kernel encrypting, sends go straight through the plaintext stream (``send_all``,
-    ``send_file``), with its timeouts. Otherwise they go through ``SSL_write`` on the same
-    socket. Receives always go through OpenSSL, on a duplicate of the descriptor.
+    With the kernel encrypting, sends go straight through the plaintext transport below
+    (``send_all``, ``send_file``: sendfile from the page cache), with its policy. Otherwise
+    they go through ``SSL_write`` on the same socket, bounded by the same reply timeout.
+    Receives always go through OpenSSL, on a duplicate of the descriptor, which this
+    transport owns; closing it closes ``inner`` too.
     """
 
-    def __init__(self, transport: FastSocketStream, context: ssl.SSLContext) -> None:
-        self.transport = transport
-        dup = socket.socket(fileno=os.dup(transport.socket.fileno()))
+    def __init__(self, inner: PlainTransport, context: ssl.SSLContext) -> None:
+        self.inner = inner
+        self.policy = inner.policy
+        dup = socket.socket(fileno=os.dup(inner.socket.fileno()))
         dup.setblocking(False)
-        self._session: ssl.SSLSocket = context.wrap_socket(
-            dup, server_side=True, do_handshake_on_connect=False
-        )
+        try:
+            self._session: ssl.SSLSocket = context.wrap_socket(
+                dup, server_side=True, do_handshake_on_connect=False
+            )
+        except BaseException:
+            dup.close()
+            raise
         self._fd = self._session.fileno()
         #: Whether the kernel encrypts our records (known after the handshake).
         self.kernel = False
@@ -106,61 +121,87 @@ class KernelTLSStream(TLSSession, trio.abc.Stream):
             # limit, writable means room in the send buffer, as for any socket.
             self._session.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 2**31 - 1)
 
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise trio.ClosedResourceError("the connection is closed")
+
+    def _recv(self, limit: int) -> bytes:
+        """What OpenSSL has decrypted, with every record already in without another
+        syscall; ``ssl.SSLWantReadError`` if nothing is there."""
+        try:
+            data = self._session.recv(limit)
+            while (more := self._session.pending()) and len(data) < limit:
+                data += self._session.recv(min(more, limit - len(data)))
+            return data
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # EOF, with close_notify or not
+            return b""
+        except ssl.SSLWantReadError:
+            raise
+        except (ssl.SSLError, OSError) as exc:
+            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+
+    def receive_nowait(self, max_bytes: int, *, spin: bool = False) -> bytes | None:
+        self._check_open()
+        if self._receive_guard.locked():
+            return None
+        end = time.perf_counter() + (self.policy.busy_poll if spin else 0.0)
+        while True:
+            try:
+                return self._recv(max_bytes)
+            except ssl.SSLWantReadError:
+                if time.perf_counter() >= end:
+                    return None
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self._check_open()
         limit = max_bytes or 65536
         async with self._receive_guard:
             while True:
                 try:
-                    data = self._session.recv(limit)
-                    # every record already decrypted comes along without another syscall
-                    while (more := self._session.pending()) and len(data) < limit:
-                        data += self._session.recv(min(more, limit - len(data)))
-                    return data
+                    return self._recv(limit)
                 except ssl.SSLWantReadError:
                     await trio.lowlevel.wait_readable(self._fd)
-                except ssl.SSLZeroReturnError:  # close_notify
-                    return b""
-                except ssl.SSLEOFError:  # EOF without close_notify: treat it as EOF
-                    return b""
-                except (ssl.SSLError, OSError) as exc:
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_open()
         if self.kernel:
-            await self.transport.send_all(data)
+            await self.inner.send_all(data)
             return
-        for piece in data_slices(data):
-            await self._write(piece)
+        async with self._send_lock:
+            for piece in data_slices(data):
+                await self._write(piece)
 
-    async def send_file(self, head: bytes | bytearray, fd: int, offset: int, length: int) -> None:
-        """As ``FastSocketStream.send_file``: by the kernel from the page cache when it
+    async def send_file(self, head: bytes | bytearray, file: FileRange) -> None:
+        """As ``PlainTransport.send_file``: by the kernel from the page cache when it
         encrypts, else read here a slice at a time and sent through OpenSSL."""
+        self._check_open()
         if self.kernel:
-            await self.transport.send_file(head, fd, offset, length)
+            await self.inner.send_file(head, file)
             return
-        for piece in file_slices(head, fd, offset, length):
-            await self._write(piece)
+        async with self._send_lock:
+            for piece in file_slices(head, file):
+                await self._write(piece)
 
     async def _write(self, piece: memoryview) -> None:
-        async with self._send_lock:
-            sent = 0
-            while sent < len(piece):
-                try:
-                    sent += self._session.send(piece[sent:])
-                except ssl.SSLWantWriteError:
-                    # the retry passes the same bytes, as OpenSSL requires
-                    with trio.fail_after(self.transport.send_timeout):  # the reply timeout
-                        await trio.lowlevel.wait_writable(self._fd)
-                except (ssl.SSLError, OSError) as exc:
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+        sent = 0
+        while sent < len(piece):
+            try:
+                sent += self._session.send(piece[sent:])
+            except ssl.SSLWantWriteError:
+                # the retry passes the same bytes, as OpenSSL requires
+                with reply_deadline(self.policy):
+                    await trio.lowlevel.wait_writable(self._fd)
+            except (ssl.SSLError, OSError) as exc:
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.transport.wait_send_all_might_not_block()
+        await self.inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         """close_notify if the socket takes it at once, then close both descriptors."""
-        if self._session.fileno() >= 0:  # a second aclose finds it closed
+        if self._fd >= 0:  # a second aclose finds it closed
+            self._fd = -1
             with contextlib.suppress(ssl.SSLError, OSError):
                 self._session.unwrap()  # sends close_notify; the peer's is not awaited
             self._session.close()
-        await self.transport.aclose()
+        await self.inner.aclose()

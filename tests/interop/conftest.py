@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,3 +117,11 @@ def run(
     if check and result.returncode != 0:
         pytest.fail(f"{cmd[0]} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for_log(server: RunningServer, text: str, count: int) -> None:
+    """Until ``text`` has been logged ``count`` times (bounded: 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.log_text().count(text) < count:
+        time.sleep(0.02)
+    assert server.log_text().count(text) >= count, server.log_text()

@@ -14,7 +14,7 @@ import trio
 
 from erofs_nbd_client.negotiate import NegotiationError, negotiate
 from erofs_nbdd.transport.contexts import client_context
-from erofs_nbdd.transport.tls import TLSStream
+from erofs_nbdd.transport.tls import TLSTransport
 
 from ..conftest import require_tool
 from .conftest import RunningServer, run, start_server_process, stop_server_process
@@ -173,7 +173,7 @@ async def test_our_client_against_nbdkit_tls(
         details, session = await negotiate(stream, "", tls=ctx, server_hostname="localhost")
         assert details.size == len(data)
         assert await session.pread(4096, 65536) == data[4096 : 4096 + 65536]
-        assert isinstance(session.stream, TLSStream)
+        assert isinstance(session.stream, TLSTransport)
         assert session.stream.version() == version.name.replace("v1_", "v1.")
         await session.disconnect()
 

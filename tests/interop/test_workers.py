@@ -9,12 +9,11 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..conftest import require_tool
-from .conftest import RunningServer, start_server_process, stop_server_process
+from .conftest import start_server_process, stop_server_process, wait_for_log
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -29,14 +28,6 @@ def copy(uri: str) -> str:
 
 def worker_pids(log: str) -> list[int]:
     return [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", log)]
-
-
-def wait_for_log(server: RunningServer, text: str, count: int) -> None:
-    """Until ``text`` has been logged ``count`` times (bounded: 10 s)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and server.log_text().count(text) < count:
-        time.sleep(0.02)
-    assert server.log_text().count(text) >= count, server.log_text()
 
 
 def test_workers_share_the_load_and_stop_together(images: Path) -> None:

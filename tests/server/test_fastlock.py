@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from erofs_nbdd.transport.plain import FastLock
+from erofs_nbdd.transport.lock import FastLock
 
 
 async def test_one_holder_at_a_time_in_arrival_order() -> None:

@@ -18,12 +18,12 @@ from erofs_nbd_client.negotiate import Session, negotiate
 from erofs_nbdd.cli import _config, build_parser
 from erofs_nbdd.config import Limits
 from erofs_nbdd.protocol import Cmd
+from erofs_nbdd.ranges import FileRange, ImageUnreadable
 from erofs_nbdd.server.listener import Server
 from erofs_nbdd.transport import ktls
 from erofs_nbdd.transport.contexts import TLSConfig, TLSMode, client_context
-from erofs_nbdd.transport.ktls import KernelTLSStream
-from erofs_nbdd.transport.plain import SourceFailed
-from erofs_nbdd.transport.tls import SEND_SLICE, file_slices
+from erofs_nbdd.transport.ktls import KernelTLSTransport
+from erofs_nbdd.transport.slices import SEND_SLICE, file_slices
 
 from ..conftest import mkfs, require_tool
 from ..tlsclient import StdlibTLSClient, reads_across_key_updates, renegotiation_is_refused
@@ -98,11 +98,11 @@ def test_slices_of_a_file_follow_the_head(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         for head, offset, length in [(b"H" * 16, 0, len(data)), (b"x", 5, 100), (b"", 7, 70000)]:
-            pieces = [bytes(p) for p in file_slices(head, fd, offset, length)]
+            pieces = [bytes(p) for p in file_slices(head, FileRange(fd, offset, length))]
             assert b"".join(pieces) == head + data[offset : offset + length]
             assert max(map(len, pieces)) <= SEND_SLICE * 3 // 2  # slices, not one buffer
-        with pytest.raises(SourceFailed, match="ended at"):
-            list(file_slices(b"H", fd, len(data) - 10, 20))
+        with pytest.raises(ImageUnreadable, match="ended at"):
+            list(file_slices(b"H", FileRange(fd, len(data) - 10, 20)))
     finally:
         os.close(fd)
 
@@ -138,12 +138,12 @@ async def test_nbdcopy_through_a_socket_openssl_drives(
     images: Path, made_certs: Path, tmp_path: Path, kernel_tls_claimed: None
 ) -> None:
     """libnbd (GnuTLS) reads the whole export over several connections; every connection
-    went through KernelTLSStream, and only a kernel with TLS encrypts for it."""
+    went through KernelTLSTransport, and only a kernel with TLS encrypts for it."""
     nbdcopy = require_tool("nbdcopy")
-    streams: list[KernelTLSStream] = []
-    real_init = KernelTLSStream.__init__
+    streams: list[KernelTLSTransport] = []
+    real_init = KernelTLSTransport.__init__
 
-    def spy(self: KernelTLSStream, *args: object) -> None:
+    def spy(self: KernelTLSTransport, *args: object) -> None:
         real_init(self, *args)  # type: ignore[arg-type]
         streams.append(self)
 
@@ -151,7 +151,7 @@ async def test_nbdcopy_through_a_socket_openssl_drives(
     out = tmp_path / "copy"
     certs = made_certs / "clients" / "alice"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(KernelTLSStream, "__init__", spy)
+        mp.setattr(KernelTLSTransport, "__init__", spy)
         async with trio.open_nursery() as nursery:
             address = await start_server(
                 nursery, images, tls=TLSConfig(mode=TLSMode.REQUIRE, cert_dir=made_certs)

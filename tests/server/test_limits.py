@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import os
+import resource
 import socket
 import struct
 from typing import TYPE_CHECKING
@@ -12,11 +12,11 @@ import pytest
 import trio
 import trio.lowlevel
 
-from erofs_nbd_client.negotiate import NegotiationError, negotiate
+from erofs_nbd_client.negotiate import Handshake, NegotiationError, negotiate
 from erofs_nbdd.config import Limits, ServerConfig
 from erofs_nbdd.protocol import Cmd, Opt, wire
 from erofs_nbdd.protocol.constants import IHAVEOPT
-from erofs_nbdd.server.listener import Server, bind_listen
+from erofs_nbdd.server.listener import Server
 
 from .helpers import read_all, start_server
 
@@ -185,31 +185,40 @@ async def test_handshake_clients_are_refused_quickly_when_not_negotiating(
     assert (await hs.info("alias")).size > 0
 
 
-class _DeniedOnce(socket.socket):
-    """A listening socket whose accepts first fail with ``failures``, one each."""
-
-    failures: list[int]
-
-    def accept(self) -> tuple[socket.socket, object]:
-        if self.failures:
-            code = self.failures.pop(0)
-            raise OSError(code, os.strerror(code))
-        return super().accept()
-
-
-async def test_accept_failures_of_one_connection_are_retried_quietly(
-    nursery: trio.Nursery, images: Path, connect: Connect, caplog: pytest.LogCaptureFixture
+async def test_an_accept_the_server_cannot_take_backs_off_and_serves_later(
+    nursery: trio.Nursery, images: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Such a failure concerns that connection only: no warning, no back-off, and the next
-    connection is served."""
-    (bound,) = bind_listen(("127.0.0.1:0",))
-    sock = _DeniedOnce(fileno=os.dup(bound.fileno()))
-    bound.close()
-    sock.failures = [errno.EPERM, errno.ECONNABORTED]  # a firewall's denial, an early reset
-    server = Server(ServerConfig(root=images, listen=(), limits=Limits()))
-    (address,) = await nursery.start(server.run, [sock])
-    for _ in range(3):  # the first two accepts fail; these connections still get served
-        await connect(address)
-    await assert_still_serving(address, connect, images)
-    assert not sock.failures
-    assert "accept failed" not in caplog.text
+    """Out of descriptors (EMFILE), accept fails for the server, not for one connection:
+    it is logged and retried after a pause, and the connection waiting is served once a
+    descriptor is free. (Failures that concern one connection only, such as a firewall's
+    EPERM, trio's listener retries quietly.)"""
+    address = await start_server(nursery, images)
+    host, _, port = address.rpartition(":")
+    client = trio.socket.socket()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The limit bounds descriptor numbers: fill the gaps below the highest one in use,
+    # then allow no higher one.
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fillers = []
+    while (fd := os.open(os.devnull, os.O_RDONLY)) <= highest:
+        fillers.append(fd)
+    os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    try:
+        await client.connect((host, int(port)))  # queued: the server has no fd to take it
+        with trio.fail_after(10):
+            while "accept failed" not in caplog.text:
+                await trio.sleep(0.01)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fillers:
+            os.close(fd)
+    assert "Too many open files" in caplog.text
+    stream = trio.SocketStream(client)
+    try:
+        hs = Handshake(stream)
+        with trio.fail_after(10):
+            await hs.start()
+            assert (await hs.info("demo")).size > 0
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -13,6 +13,7 @@ from erofs_nbdd.config import ServerConfig
 from erofs_nbdd.protocol import Cmd, Errno
 from erofs_nbdd.server.connection import Connection
 from erofs_nbdd.storage.exports import ExportDirectory
+from erofs_nbdd.transport.stream import StreamTransport
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 async def test_connection_over_memory_streams(images: Path, structured: bool) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     config = ServerConfig(root=images)
-    conn = Connection(server_stream, "memory", config, ExportDirectory(images))
+    conn = Connection(StreamTransport(server_stream), "memory", config, ExportDirectory(images))
     data = (images / "demo.erofs").read_bytes()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
@@ -48,7 +49,9 @@ async def test_connection_over_memory_streams(images: Path, structured: bool) ->
 
 async def test_negotiate_helper_over_memory_streams(images: Path) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    conn = Connection(server_stream, "memory", ServerConfig(root=images), ExportDirectory(images))
+    conn = Connection(
+        StreamTransport(server_stream), "memory", ServerConfig(root=images), ExportDirectory(images)
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
         details, session = await negotiate(client_stream, "team/app-v2")

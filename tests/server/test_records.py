@@ -12,12 +12,15 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes
 
 from erofs_nbdd.cli import _config, build_parser
+from erofs_nbdd.ranges import FileRange, ImageUnreadable
 from erofs_nbdd.server.listener import Server
 from erofs_nbdd.transport import records
 from erofs_nbdd.transport.contexts import client_context, server_context
 from erofs_nbdd.transport.keylog import KeyLog, client_random
-from erofs_nbdd.transport.plain import SourceFailed
-from erofs_nbdd.transport.tls import SEND_SLICE, TLSStream
+from erofs_nbdd.transport.sealing import Sealing
+from erofs_nbdd.transport.slices import SEND_SLICE
+from erofs_nbdd.transport.stream import StreamTransport
+from erofs_nbdd.transport.tls import TLSTransport
 
 from ..tlsclient import _LIBSSL, _ssl_pointer
 
@@ -29,15 +32,17 @@ CERTS_CLIENT = ("clients", "alice")
 
 async def _pair(
     made_certs: Path, *, sealed: bool = True, version: ssl.TLSVersion | None = None
-) -> tuple[TLSStream, TLSStream]:
+) -> tuple[TLSTransport, TLSTransport]:
     """A server stream (sealing, if ``sealed``) and an OpenSSL client stream, handshaken."""
     a, b = trio.testing.memory_stream_pair()
     ctx = server_context(made_certs)
-    server = TLSStream(a, ctx, server_side=True, keys=KeyLog(ctx) if sealed else None)
+    server = TLSTransport(
+        StreamTransport(a), ctx, server_side=True, sealing=Sealing(KeyLog(ctx)) if sealed else None
+    )
     client_ctx = client_context(made_certs.joinpath(*CERTS_CLIENT))
     if version is not None:
         client_ctx.maximum_version = version
-    client = TLSStream(b, client_ctx, server_hostname="localhost")
+    client = TLSTransport(StreamTransport(b), client_ctx, server_hostname="localhost")
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.do_handshake)
@@ -45,7 +50,7 @@ async def _pair(
     return server, client
 
 
-async def _received(client: TLSStream, size: int) -> bytes:
+async def _received(client: TLSTransport, size: int) -> bytes:
     got = bytearray()
     with trio.fail_after(10):
         while len(got) < size:
@@ -64,7 +69,7 @@ async def test_records_sealed_here_open_in_openssl(made_certs: Path, tmp_path: P
     reach an OpenSSL client byte for byte. The client checks every record's tag and its
     sequence number, so a wrong key, nonce or order fails here."""
     server, client = await _pair(made_certs)
-    assert server.sealer is not None and server.describe().endswith("+sealed")
+    assert server.sealed is not None and server.describe().endswith("+sealed")
     image = tmp_path / "image"
     image.write_bytes(os.urandom(4 << 20))
     data = image.read_bytes()
@@ -77,7 +82,7 @@ async def test_records_sealed_here_open_in_openssl(made_certs: Path, tmp_path: P
                 assert await _received(client, size) == data[:size]
             offset = size % 4096
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.send_file, head, fd, offset, size)
+                nursery.start_soon(server.send_file, head, FileRange(fd, offset, size))
                 got = await _received(client, 16 + size)
             assert got == head + data[offset : offset + size], size
     finally:
@@ -90,8 +95,8 @@ async def test_a_file_that_ends_early_is_named(made_certs: Path, tmp_path: Path)
     image.write_bytes(b"x" * 1000)
     fd = os.open(image, os.O_RDONLY)
     try:
-        with pytest.raises(SourceFailed, match="ended at 1000"):
-            await server.send_file(b"h" * 16, fd, 0, 5000)
+        with pytest.raises(ImageUnreadable, match="ended at 1000"):
+            await server.send_file(b"h" * 16, FileRange(fd, 0, 5000))
     finally:
         os.close(fd)
 
@@ -105,15 +110,17 @@ async def test_records_openssl_wrote_after_the_handshake_leave_sealing_to_it(
     a, b = trio.testing.memory_stream_pair()
     ctx = server_context(made_certs)
     ctx.num_tickets = 2
-    server = TLSStream(a, ctx, server_side=True, keys=KeyLog(ctx))
-    client = TLSStream(
-        b, client_context(made_certs.joinpath(*CERTS_CLIENT)), server_hostname="localhost"
+    server = TLSTransport(StreamTransport(a), ctx, server_side=True, sealing=Sealing(KeyLog(ctx)))
+    client = TLSTransport(
+        StreamTransport(b),
+        client_context(made_certs.joinpath(*CERTS_CLIENT)),
+        server_hostname="localhost",
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.do_handshake)
             nursery.start_soon(client.do_handshake)
-    assert server.sealer is None
+    assert server.sealed is None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.send_all, b"t" * 40000)
         assert await _received(client, 40000) == b"t" * 40000
@@ -122,7 +129,7 @@ async def test_records_openssl_wrote_after_the_handshake_leave_sealing_to_it(
 async def test_tls12_stays_with_openssl(made_certs: Path) -> None:
     """Only TLS 1.3 records are sealed here; a TLS 1.2 session keeps OpenSSL's."""
     server, client = await _pair(made_certs, version=ssl.TLSVersion.TLSv1_2)
-    assert server.sealer is None and not server.describe().endswith("+sealed")
+    assert server.sealed is None and not server.describe().endswith("+sealed")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.send_all, b"z" * 70000)
         assert await _received(client, 70000) == b"z" * 70000
@@ -133,8 +140,8 @@ async def test_key_update_and_close_notify_from_openssl_are_resealed(made_certs:
     record, and both move to the next key at it (the data after it opens). The close_notify
     OpenSSL writes at close reaches the client as a clean EOF, not a bad record."""
     server, client = await _pair(made_certs)
-    assert server.sealer is not None
-    secret = server.sealer._secret
+    assert server.sealed is not None
+    secret = server.sealed.sealer._secret
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.send_all, b"a" * 50000)
         assert await _received(client, 50000) == b"a" * 50000
@@ -142,7 +149,7 @@ async def test_key_update_and_close_notify_from_openssl_are_resealed(made_certs:
     await client.send_all(b"request")  # the KeyUpdate goes with it
     with trio.fail_after(10):
         assert await server.receive_some() == b"request"
-    assert server.sealer._secret != secret  # the answer went out, under the old key
+    assert server.sealed.sealer._secret != secret  # the answer went out, under the old key
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.send_all, b"b" * 70000)
         assert await _received(client, 70000) == b"b" * 70000
@@ -155,8 +162,8 @@ async def test_without_the_key_update_the_client_fails(made_certs: Path) -> None
     """The test above can fail: a sealer that skips one sequence number (as one that
     missed a record OpenSSL wrote would) makes the client refuse the next record."""
     server, client = await _pair(made_certs)
-    assert server.sealer is not None
-    server.sealer.seq += 1
+    assert server.sealed is not None
+    server.sealed.sealer.seq += 1
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.send_all, b"c" * 100)
         with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match=r"DECRYPT|MAC"):

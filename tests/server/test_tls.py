@@ -25,6 +25,7 @@ from erofs_nbdd.transport.contexts import (
     parse_allow,
     server_context,
 )
+from erofs_nbdd.transport.stream import StreamTransport
 
 from .helpers import read_all
 
@@ -95,7 +96,9 @@ async def test_tls_over_memory_streams(images: Path, pki: PKI, version: ssl.TLSV
     client_stream, server_stream = trio.testing.memory_stream_pair()
     config = ServerConfig(root=images, tls=tls_config(pki, TLSMode.REQUIRE))
     server_ctx = server_context(pki.server_dir)
-    conn = Connection(server_stream, "memory", config, ExportDirectory(images), server_ctx)
+    conn = Connection(
+        StreamTransport(server_stream), "memory", config, ExportDirectory(images), server_ctx
+    )
     ctx = client_context(pki.alice)
     ctx.maximum_version = version
     data = (images / "demo.erofs").read_bytes()
@@ -327,18 +330,24 @@ async def test_tls_replies_are_encrypted_in_slices_of_whole_records(pki: PKI, se
     the last, so the client has no short record to read on its own. The same whether the
     server seals the records itself (records.py) or OpenSSL does."""
     from erofs_nbdd.transport.keylog import KeyLog
-    from erofs_nbdd.transport.tls import RECORD, SEND_SLICE, TLSStream
+    from erofs_nbdd.transport.records import RECORD
+    from erofs_nbdd.transport.sealing import Sealing
+    from erofs_nbdd.transport.slices import SEND_SLICE
+    from erofs_nbdd.transport.stream import StreamTransport
+    from erofs_nbdd.transport.tls import TLSTransport
 
     a, b = trio.testing.memory_stream_pair()
     counted = _CountingStream(a)
     context = server_context(pki.server_dir)
-    keys = KeyLog(context) if sealed else None
-    server = TLSStream(counted, context, server_side=True, keys=keys)
-    client = TLSStream(b, client_context(pki.alice), server_hostname="localhost")
+    sealing = Sealing(KeyLog(context)) if sealed else None
+    server = TLSTransport(StreamTransport(counted), context, server_side=True, sealing=sealing)
+    client = TLSTransport(
+        StreamTransport(b), client_context(pki.alice), server_hostname="localhost"
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.do_handshake)
         nursery.start_soon(client.do_handshake)
-    assert (server.sealer is not None) == sealed
+    assert (server.sealed is not None) == sealed
     cases = [(16, 1), (SEND_SLICE + 16, 1), (4 * SEND_SLICE + 16, 4), (600_000, 2), (0, 0)]
     for size, writes in cases:
         counted.writes.clear()

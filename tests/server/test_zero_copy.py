@@ -18,13 +18,14 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import negotiate
+from erofs_nbdd.ranges import FileRange, ImageUnreadable
 from erofs_nbdd.server.transmit import FILE_REPLY_MIN
 from erofs_nbdd.storage import pagecache
-from erofs_nbdd.storage.backends import FileBackend
 from erofs_nbdd.storage.exports import ExportDirectory
+from erofs_nbdd.storage.file import FileBackend
 from erofs_nbdd.storage.pagecache import PAGE, PageCache
 from erofs_nbdd.transport.contexts import TLSConfig, TLSMode, client_context
-from erofs_nbdd.transport.plain import FastSocketStream, SourceFailed
+from erofs_nbdd.transport.plain import PlainTransport
 
 from ..conftest import evict, random_image
 from .helpers import check_read, start_server
@@ -194,12 +195,12 @@ async def test_an_image_that_ends_under_a_reply_fails_the_send() -> None:
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
-    stream = FastSocketStream(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    stream = PlainTransport(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
     with tempfile.TemporaryFile() as f:
         f.write(b"x" * 10000)
         f.flush()
-        with pytest.raises(SourceFailed, match="ended at 10000, 6384 bytes early"):
-            await stream.send_file(b"HEAD", f.fileno(), 0, 16384)
+        with pytest.raises(ImageUnreadable, match="ended at 10000, 6384 bytes early"):
+            await stream.send_file(b"HEAD", FileRange(f.fileno(), 0, 16384))
     assert b.recv(1 << 20) == b"HEAD" + b"x" * 10000
     await stream.aclose()
     b.close()
@@ -214,23 +215,20 @@ def test_cached_reads_are_answered_without_a_thread_and_misses_are_not(
     path = tmp_path / "img"
     data = os.urandom(256 * PAGE)
     path.write_bytes(data)
-    backend = FileBackend(path, preferred_block=4096, max_payload=32 << 20)
+    backend = FileBackend(path)
     try:
         backend._nowait = nowait  # as on a file system without RWF_NOWAIT
         evict(path)
-        assert backend.file_nowait(0, 64 * PAGE) is None  # would block: a thread's
-        got = backend.pread_nowait(b"HEAD", 0, 64 * PAGE)
-        if nowait and got is not None:
+        assert backend.file_range(0, 64 * PAGE) is None  # would block: a thread's
+        buf = bytearray(64 * PAGE)
+        if backend.read_nowait(memoryview(buf), 0):
             # RWF_NOWAIT refused, but started reading the pages in, and mincore then found
             # them read already (a fast disk; seen once in a full run): cached by then.
-            assert bytes(got) == b"HEAD" + data[: 64 * PAGE]
-        else:
-            assert got is None
+            assert nowait and bytes(buf) == data[: 64 * PAGE]
         os.pread(backend._fd, 128 * PAGE, 0)
-        got = backend.pread_nowait(b"HEAD", 4096, 64 * PAGE)
-        assert got is not None
-        assert bytes(got) == b"HEAD" + data[4096 : 4096 + 64 * PAGE]
-        assert backend.file_nowait(4096, 64 * PAGE) is not None
+        assert backend.read_nowait(memoryview(buf), 4096)
+        assert bytes(buf) == data[4096 : 4096 + 64 * PAGE]
+        assert backend.file_range(4096, 64 * PAGE) == FileRange(backend._fd, 4096, 64 * PAGE)
     finally:
         backend.close()
 

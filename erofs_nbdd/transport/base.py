@@ -1,0 +1,98 @@
+"""The one interface the server and the client talk through, whatever carries the bytes.
+
+A ``Transport`` is a ``trio.abc.Stream`` (so trio code and our client take it as one) that
+can also send a range of an open file after a header (``send_file``: ``sendfile`` where the
+kernel writes the socket, read and encrypted a slice at a time where this process encrypts),
+and try a receive without waiting (``receive_nowait``). Each call to ``send_all`` or
+``send_file`` goes out whole before another begins, so nothing comes between a reply's
+header and its data. How long a blocked send may wait and how long a receive retries
+before sleeping are the transport's ``Policy``, given when it is made.
+
+Errors, in trio's words: ``trio.BrokenResourceError`` (the peer reset or broke the
+connection), ``trio.ClosedResourceError`` (closed here), ``ReplyTimeout`` (the peer read
+nothing for the reply timeout), ``ImageUnreadable`` (the file behind ``send_file`` failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Iterator
+
+    from ..ranges import FileRange
+    from .sealing import Sealing
+
+
+@dataclass(frozen=True)
+class Policy:
+    #: Seconds a send may stay blocked (the peer reading nothing) before ``ReplyTimeout``.
+    reply_timeout: float = math.inf
+    #: Seconds ``receive_nowait(spin=True)`` retries before giving up (--busy-poll).
+    busy_poll: float = 0.0
+
+
+class ReplyTimeout(trio.TooSlowError):
+    """The peer read nothing for the policy's reply timeout while a send was blocked."""
+
+
+@contextlib.contextmanager
+def reply_deadline(policy: Policy) -> Iterator[None]:
+    """Bound one blocked wait for room to send by the reply timeout (no timer without
+    one). Entered only when a send would block, so no timer exists on the fast path."""
+    if math.isinf(policy.reply_timeout):
+        yield
+        return
+    try:
+        with trio.fail_after(policy.reply_timeout):
+            yield
+    except trio.TooSlowError:
+        timeout = policy.reply_timeout
+        raise ReplyTimeout(f"client read no reply for {timeout:g} s (reply timeout)") from None
+
+
+class Transport(trio.abc.Stream):
+    policy: Policy
+
+    @abstractmethod
+    async def send_file(self, head: bytes | bytearray, file: FileRange) -> None:
+        """``head``, then the bytes of ``file`` (which the caller found in the page cache);
+        ``ImageUnreadable`` if the file fails or ends first."""
+
+    @abstractmethod
+    def receive_nowait(self, max_bytes: int, *, spin: bool = False) -> bytes | None:
+        """What has arrived (b"" at EOF), or None if a receive would have to wait; with
+        ``spin``, after retrying for the policy's ``busy_poll``."""
+
+    def describe(self) -> str:
+        """How the bytes are protected, for the connection's log line."""
+        return "-"
+
+    def peer_certificate(self) -> dict[str, object] | None:
+        return None
+
+    def start_tls(self, context: ssl.SSLContext, sealing: Sealing | None) -> SecureTransport:
+        """The server side of TLS over this transport, not yet handshaken: in this process,
+        with ``sealing`` if given. The caller owns what is returned (closing it closes this
+        transport too)."""
+        from .tls import TLSTransport
+
+        return TLSTransport(self, context, server_side=True, sealing=sealing)
+
+
+class SecureTransport(Transport):
+    """A TLS transport over another one."""
+
+    @abstractmethod
+    async def do_handshake(self) -> None:
+        """``trio.BrokenResourceError`` if the peer or its certificate fails it."""
+
+    def start_tls(self, context: ssl.SSLContext, sealing: Sealing | None) -> SecureTransport:
+        raise RuntimeError("TLS is already active on this transport")
