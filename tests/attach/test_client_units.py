@@ -90,6 +90,31 @@ def test_parse_device(text: str, index: int | None) -> None:
     assert devices.parse_device(text) == index
 
 
+@pytest.mark.parametrize(
+    ("escape", "char"), [(b"\\040", " "), (b"\\011", "\t"), (b"\\012", "\n"), (b"\\134", "\\")]
+)
+def test_mountinfo_non_ascii_with_escapes(escape: bytes, char: str, tmp_path: Path) -> None:
+    """The kernel escapes four bytes and writes the rest raw: café's UTF-8 must survive."""
+    where = os.fsencode(tmp_path) + "/café".encode() + escape + b"x"
+    data = (
+        b"22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        b"36 27 43:0 / " + where + b" ro,relatime shared:1 - erofs /dev/nbd0 ro\n"
+    )
+    mountpoint = str(tmp_path / f"café{char}x")
+    assert devices.parse_mountinfo(data) == [("proc", "/proc"), ("/dev/nbd0", mountpoint)]
+    os.mkdir(mountpoint)  # what detach compares it with
+    assert os.path.realpath(mountpoint) == mountpoint
+
+
+def test_mountinfo_keeps_bytes_that_are_not_utf8() -> None:
+    line = b"36 27 43:0 / /mnt/\xe9\\040x ro - erofs /dev/nbd0 ro\n"
+    assert devices.parse_mountinfo(line) == [("/dev/nbd0", os.fsdecode(b"/mnt/\xe9 x"))]
+
+
+def test_mounts_reads_this_machine() -> None:
+    assert "/" in [mountpoint for _, mountpoint in devices.mounts()]
+
+
 def attach_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "erofs_nbd_client", *args], capture_output=True, text=True,
