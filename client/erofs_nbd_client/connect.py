@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from erofs_nbdd.erofs import NotErofs, parse_superblock
 from erofs_nbdd.protocol import ProtocolError, Rep, TransmissionFlag
-from erofs_nbdd.storage.exports import NotErofs, parse_superblock
 from erofs_nbdd.transport.contexts import TLSSetupError, client_context
 
 from .errors import AttachError, ExitStatus
