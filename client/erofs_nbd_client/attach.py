@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import devices, netlink
-from .connect import check_erofs, kernel_block_size, open_first, socket_of
+from .bridge import Helper, start_bridge
+from .connect import check_erofs, kernel_block_size, open_connections, socket_of
 from .errors import AttachError, ExitStatus
 
 if TYPE_CHECKING:
     import socket
 
+    from .connect import Connection
     from .negotiate import ExportDetails
     from .target import Target
 
@@ -71,6 +73,31 @@ async def ensure_kernel_support() -> str:
         "interface; a lost connection cannot be replaced, so failover is unavailable"
     )
     return "ioctl"
+
+
+async def open_for_kernel(target: Target, count: int) -> tuple[list[Connection], Helper | None]:
+    """Connections whose kernel side is ready to hand over: the TCP sockets themselves, or
+    with TLS the socketpair ends a fresh bridge helper relays."""
+    if target.tls:
+        helper = await start_bridge(target, count)
+        return helper.connections, helper
+    return await open_connections(target, count, None), None
+
+
+async def open_first(
+    targets: list[Target], count: int
+) -> tuple[Target, list[Connection], Helper | None]:
+    """The first target that can be reached; other errors (export missing, TLS) are final."""
+    for i, target in enumerate(targets):
+        try:
+            conns, helper = await open_for_kernel(target, count)
+        except AttachError as exc:
+            if exc.status is not ExitStatus.UNREACHABLE or i == len(targets) - 1:
+                raise
+            log.warning("%s; trying the next server", exc)
+            continue
+        return target, conns, helper
+    raise AttachError(ExitStatus.USAGE, "no server given")
 
 
 async def _ioctl_connect(

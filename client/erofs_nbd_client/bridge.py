@@ -22,7 +22,7 @@ import trio
 from erofs_nbdd.protocol import Negotiated
 
 from . import devices
-from .connect import Connection, Helper, open_connections, tls_context
+from .connect import Connection, open_connections, tls_context
 from .errors import AttachError, ExitStatus
 from .negotiate import ExportDetails, Session
 from .spawn import read_line, reap, spawn
@@ -31,6 +31,16 @@ from .target import Target
 log = logging.getLogger("erofs_nbd_client.bridge")
 RELAY_CHUNK = 1024 * 1024
 STATUS_TIMEOUT = 120
+
+
+@dataclasses.dataclass
+class Helper:
+    """A helper process (the TLS bridge) as attach sees it: the kernel's side of each
+    connection is a socketpair end whose other end the helper relays over TLS."""
+
+    pid: int
+    log_path: str
+    connections: list[Connection]
 
 
 async def start_bridge(target: Target, count: int) -> Helper:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from erofs_nbdd.erofs import NotErofs, parse_superblock
 from erofs_nbdd.protocol import ProtocolError, Rep, TransmissionFlag
-from erofs_nbdd.storage.exports import NotErofs, parse_superblock
 from erofs_nbdd.transport.contexts import TLSSetupError, client_context
 
 from .errors import AttachError, ExitStatus
@@ -150,43 +150,6 @@ def kernel_block_size(details: ExportDetails) -> int:
     return size
 
 
-async def open_for_kernel(target: Target, count: int) -> tuple[list[Connection], Helper | None]:
-    """Connections whose kernel side is ready to hand over: the TCP sockets themselves, or
-    with TLS the socketpair ends a fresh bridge helper relays."""
-    if target.tls:
-        from .bridge import start_bridge
-
-        helper = await start_bridge(target, count)
-        return helper.connections, helper
-    return await open_connections(target, count, None), None
-
-
-async def open_first(
-    targets: list[Target], count: int
-) -> tuple[Target, list[Connection], Helper | None]:
-    """The first target that can be reached; other errors (export missing, TLS) are final."""
-    for i, target in enumerate(targets):
-        try:
-            conns, helper = await open_for_kernel(target, count)
-        except AttachError as exc:
-            if exc.status is not ExitStatus.UNREACHABLE or i == len(targets) - 1:
-                raise
-            log.warning("%s; trying the next server", exc)
-            continue
-        return target, conns, helper
-    raise AttachError(ExitStatus.USAGE, "no server given")
-
-
 def socket_of(stream: trio.abc.Stream) -> socket.socket:
     assert isinstance(stream, trio.SocketStream)
     return stream.socket  # type: ignore[return-value]
-
-
-@dataclass
-class Helper:
-    """A helper process (the TLS bridge) as attach sees it: the kernel's side of each
-    connection is a socketpair end whose other end the helper relays over TLS."""
-
-    pid: int
-    log_path: str
-    connections: list[Connection]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,19 +124,30 @@ def backend_of(index: int) -> str | None:
 
 def mounts() -> list[tuple[str, str]]:
     """(source, mount point) pairs from /proc/self/mountinfo, octal escapes decoded."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return parse_mountinfo(f.read())
+
+
+def parse_mountinfo(data: bytes) -> list[tuple[str, str]]:
+    """(source, mount point) pairs from mountinfo's bytes, which the kernel writes unencoded."""
     out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            mountpoint = _unescape(fields[4])
-            source = _unescape(fields[sep + 2])
-            out.append((source, mountpoint))
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        fields = line.split(b" ")  # only " \t\n\\" are escaped: a name may hold \r or \f
+        sep = fields.index(b"-")
+        out.append((_unescape(fields[sep + 2]), _unescape(fields[4])))
     return out
 
 
-def _unescape(text: str) -> str:
-    return text.encode().decode("unicode_escape") if "\\" in text else text
+_OCTAL = re.compile(rb"\\([0-3][0-7]{2})")
+
+
+def _unescape(raw: bytes) -> str:
+    """Undo the kernel's octal escapes (space, tab, newline, backslash) on the bytes, then
+    decode UTF-8 keeping other bytes as surrogates, as Python decodes file names, so the
+    result equals what os.path.realpath gives for the same path."""
+    return _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), raw).decode("utf-8", "surrogateescape")
 
 
 def mountpoint_of(index: int) -> str | None:

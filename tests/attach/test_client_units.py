@@ -3,6 +3,7 @@ what it says on a machine without the NBD driver (this host has none)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import erofs_nbd_client
 from erofs_nbd_client import devices, netlink
 from erofs_nbd_client.connect import kernel_block_size
 from erofs_nbd_client.errors import ExitStatus
@@ -90,6 +92,31 @@ def test_parse_device(text: str, index: int | None) -> None:
     assert devices.parse_device(text) == index
 
 
+@pytest.mark.parametrize(
+    ("escape", "char"), [(b"\\040", " "), (b"\\011", "\t"), (b"\\012", "\n"), (b"\\134", "\\")]
+)
+def test_mountinfo_non_ascii_with_escapes(escape: bytes, char: str, tmp_path: Path) -> None:
+    """The kernel escapes four bytes and writes the rest raw: café's UTF-8 must survive."""
+    where = os.fsencode(tmp_path) + "/café".encode() + escape + b"x"
+    data = (
+        b"22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        b"36 27 43:0 / " + where + b" ro,relatime shared:1 - erofs /dev/nbd0 ro\n"
+    )
+    mountpoint = str(tmp_path / f"café{char}x")
+    assert devices.parse_mountinfo(data) == [("proc", "/proc"), ("/dev/nbd0", mountpoint)]
+    os.mkdir(mountpoint)  # what detach compares it with
+    assert os.path.realpath(mountpoint) == mountpoint
+
+
+def test_mountinfo_keeps_bytes_that_are_not_utf8() -> None:
+    line = b"36 27 43:0 / /mnt/\xe9\\040x ro - erofs /dev/nbd0 ro\n"
+    assert devices.parse_mountinfo(line) == [("/dev/nbd0", os.fsdecode(b"/mnt/\xe9 x"))]
+
+
+def test_mounts_reads_this_machine() -> None:
+    assert "/" in [mountpoint for _, mountpoint in devices.mounts()]
+
+
 def attach_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "erofs_nbd_client", *args], capture_output=True, text=True,
@@ -141,3 +168,29 @@ def test_parse_link_dead_ignores_other_commands() -> None:
     msg["attrs"] = [("NBD_ATTR_INDEX", 7)]
     msg.encode()
     assert netlink.parse_link_dead(bytes(msg.data) * 2) == [7, 7]
+
+
+def test_client_modules_import_one_another_without_a_cycle() -> None:
+    """Counting imports inside functions too: a cycle hidden in a lazy import is one still
+    (connect.py used to import the bridge that imports it)."""
+    package = Path(erofs_nbd_client.__file__).parent
+    modules = {path.stem: ast.parse(path.read_text()) for path in package.glob("*.py")}
+    imports: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found.update([node.module] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.removeprefix("erofs_nbd_client."))
+        imports[name] = {m.partition(".")[0] for m in found} & modules.keys()
+
+    def cycle_from(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name) :], name]
+        for other in sorted(imports[name]):
+            if cycle := cycle_from(other, [*path, name]):
+                return cycle
+        return None
+
+    assert [cycle for name in sorted(modules) if (cycle := cycle_from(name, []))] == []

@@ -3,6 +3,7 @@ and separate trio runs and forked children each getting their answers."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import threading
 import time
@@ -119,6 +120,27 @@ def test_a_forked_child_starts_threads_of_its_own() -> None:
         child.join()
         pytest.fail("the child hung waiting for its read")
     assert answers.get() == 7
+
+
+def test_calls_beyond_the_limit_wait_their_turn_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every thread busy, the calls that come wait and start in the order they came."""
+    monkeypatch.setattr(threads, "LIMIT", 1)
+    pool = threads._Threads()
+    release, finished = threading.Event(), threading.Event()
+    started: list[int] = []
+
+    def call(i: int) -> None:
+        started.append(i)
+        if i == 9:
+            finished.set()
+
+    pool.submit(lambda: release.wait(10), lambda _: None)  # the one thread, busy
+    for i in range(10):
+        pool.submit(functools.partial(call, i), lambda _: None)
+    release.set()
+    assert finished.wait(10)
+    assert started == list(range(10))
+    assert pool.count == 1
 
 
 def test_when_no_thread_can_start_the_read_fails_or_waits_for_one(
