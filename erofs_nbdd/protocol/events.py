@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .constants import Cmd, Opt, Rep
 
@@ -108,9 +109,11 @@ OptionEvent = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A transmission request; a WRITE's payload has already been read and dropped."""
+class Request(NamedTuple):
+    """A transmission request; a WRITE's payload has already been read and dropped.
+
+    Immutable like the other events, but a named tuple: one is made for every request, and
+    a frozen dataclass took 0.78 us to make against 0.42 (attributes read as fast)."""
 
     cmd: int
     flags: int

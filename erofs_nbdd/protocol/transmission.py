@@ -56,7 +56,13 @@ _ALLOWED_FLAGS = {
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
 }
-_WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_WRITES = frozenset({int(Cmd.WRITE), int(Cmd.TRIM), int(Cmd.WRITE_ZEROES)})
+#: The same as plain ints, for ``check_request``.
+_ALLOWED = {int(cmd): int(flags) for cmd, flags in _ALLOWED_FLAGS.items()}
+_READ, _FLUSH, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.FLUSH), int(Cmd.BLOCK_STATUS)
+_PAYLOADS = frozenset({_READ, int(Cmd.WRITE)})
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_OK = (Errno.OK, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,34 +76,37 @@ class ExportLimits:
 
 
 def check_request(req: Request, limits: ExportLimits, negotiated: Negotiated) -> tuple[Errno, str]:
-    """The error a request must get before any data is touched, or ``(Errno.OK, "")``."""
-    try:
-        cmd = Cmd(req.cmd)
-        allowed = _ALLOWED_FLAGS[cmd]
-    except (ValueError, KeyError):
-        return Errno.EINVAL, f"unknown command {req.cmd}"
-    if cmd is Cmd.READ and not negotiated.structured_replies:
-        allowed = CmdFlag(0)  # DF only means something with structured replies
-    if req.flags & ~int(allowed):
-        return Errno.EINVAL, f"flags {req.flags:#x} are not valid on {cmd.name}"
-    if cmd in _WRITES and limits.flags & TransmissionFlag.READ_ONLY:
+    """The error a request must get before any data is touched, or ``(Errno.OK, "")``.
+
+    Every request passes here, so it compares plain ints (an enum lookup or an IntFlag
+    operation costs more than all the checks together) and builds a message only for an
+    error."""
+    cmd, flags, offset, length = req.cmd, req.flags, req.offset, req.length
+    allowed = _ALLOWED.get(cmd)
+    if allowed is None:
+        return Errno.EINVAL, f"unknown command {cmd}"
+    if cmd == _READ and not negotiated.structured_replies:
+        allowed = 0  # DF only means something with structured replies
+    if flags & ~allowed:
+        return Errno.EINVAL, f"flags {flags:#x} are not valid on {Cmd(cmd).name}"
+    if cmd in _WRITES and limits.flags & _READ_ONLY:
         return Errno.EPERM, "the export is read-only"
-    if cmd is Cmd.FLUSH:
-        if req.offset or req.length:
+    if cmd == _FLUSH:
+        if offset or length:
             return Errno.EINVAL, "FLUSH must have offset and length 0"
-        return Errno.OK, ""
-    if not req.length:
+        return _OK
+    if not length:
         # Unspecified by the spec, and a structured read reply cannot carry 0 bytes.
-        return Errno.EINVAL, f"{cmd.name} of 0 bytes"
-    if req.offset > limits.size or req.length > limits.size - req.offset:
-        return Errno.EINVAL, f"{req.length} bytes at {req.offset} run past the end ({limits.size})"
-    if req.offset % limits.min_block or req.length % limits.min_block:
+        return Errno.EINVAL, f"{Cmd(cmd).name} of 0 bytes"
+    if offset > limits.size or length > limits.size - offset:
+        return Errno.EINVAL, f"{length} bytes at {offset} run past the end ({limits.size})"
+    if offset % limits.min_block or length % limits.min_block:
         return Errno.EINVAL, f"not aligned to the minimum block size {limits.min_block}"
-    if cmd in (Cmd.READ, Cmd.WRITE) and req.length > limits.max_payload:
-        return Errno.EINVAL, f"{req.length} bytes exceed the maximum payload {limits.max_payload}"
-    if cmd is Cmd.BLOCK_STATUS and not negotiated.meta_contexts:
+    if length > limits.max_payload and cmd in _PAYLOADS:
+        return Errno.EINVAL, f"{length} bytes exceed the maximum payload {limits.max_payload}"
+    if cmd == _BLOCK_STATUS and not negotiated.meta_contexts:
         return Errno.EINVAL, "BLOCK_STATUS needs a meta context (NBD_OPT_SET_META_CONTEXT)"
-    return Errno.OK, ""
+    return _OK
 
 
 class TransmissionState(enum.Enum):
@@ -127,6 +136,7 @@ class ServerTransmission:
     def __init__(self, negotiated: Negotiated, export: ExportLimits) -> None:
         #: Our own copy: nothing the handshake does later can change how replies are framed.
         self.negotiated = negotiated.copy()
+        self._structured = self.negotiated.structured_replies
         self.export = export
         self.state = TransmissionState.TRANSMISSION
         self._buffer = wire.Buffer()
@@ -135,12 +145,11 @@ class ServerTransmission:
         # Requests awaiting a reply, by cookie. A count, not a set: the spec only says a
         # client SHOULD keep cookies of requests in flight distinct, so reuse is no error.
         self._outstanding: dict[int, int] = {}
-        self._outstanding_total = 0
 
     @property
     def outstanding(self) -> int:
         """Requests returned by ``next_event`` and not yet answered."""
-        return self._outstanding_total
+        return sum(self._outstanding.values())
 
     @property
     def read_header_size(self) -> int:
@@ -188,9 +197,7 @@ class ServerTransmission:
             return NEED_DATA
         if len(self._buffer) < wire.REQUEST.size:
             return NEED_DATA
-        magic, flags, type_, cookie, offset, length = wire.REQUEST.unpack(
-            self._buffer.take(wire.REQUEST.size)
-        )
+        magic, flags, type_, cookie, offset, length = self._buffer.unpack(wire.REQUEST)
         if magic != REQUEST_MAGIC:
             self._fail(RemoteProtocolError, f"bad request magic {magic:#x}")
         if type_ == Cmd.DISC:
@@ -208,8 +215,8 @@ class ServerTransmission:
         return self._accept(req)
 
     def _accept(self, req: Request) -> Request:
-        self._outstanding[req.cookie] = self._outstanding.get(req.cookie, 0) + 1
-        self._outstanding_total += 1
+        outstanding = self._outstanding
+        outstanding[req.cookie] = outstanding.get(req.cookie, 0) + 1
         return req
 
     def pending_bytes(self) -> int:
@@ -218,51 +225,46 @@ class ServerTransmission:
 
     # -- replies: headers only; READ data is written right after, unchanged ---------------
 
-    def _check_reply(self, cookie: int) -> None:
-        if self.state not in _REPLYING:
-            self._fail(LocalProtocolError, f"no reply is allowed (cookie {cookie:#x})")
-        if cookie not in self._outstanding:
-            self._fail(LocalProtocolError, f"no request with cookie {cookie:#x} awaits a reply")
-
-    def _retire(self, cookie: int, reply: bytes) -> bytes:
-        """The reply to one request with ``cookie`` is made: that request is answered."""
-        left = self._outstanding[cookie] - 1
-        if left:
+    def _answer(self, cookie: int) -> None:
+        """A reply to one request with ``cookie`` is being made: that request is answered.
+        (Every reply passes here, so the usual case is one dictionary operation.)"""
+        left = self._outstanding.pop(cookie, 0) - 1
+        if left > 0:
             self._outstanding[cookie] = left
-        else:
-            del self._outstanding[cookie]
-        self._outstanding_total -= 1
-        return reply
+        elif left < 0 or self.state is TransmissionState.ERROR:
+            if self.state not in _REPLYING:
+                self._fail(LocalProtocolError, f"no reply is allowed (cookie {cookie:#x})")
+            self._fail(LocalProtocolError, f"no request with cookie {cookie:#x} awaits a reply")
 
     def read_reply_header(self, cookie: int, offset: int, length: int) -> bytes:
         """The header of a successful READ's reply; ``length`` bytes of data follow it."""
-        self._check_reply(cookie)
-        if not self.negotiated.structured_replies:
-            return self._retire(cookie, wire.simple_reply(cookie))
+        self._answer(cookie)
+        if not self._structured:
+            return wire.simple_reply(cookie)
         if length == 0:
-            return self._retire(cookie, wire.done_chunk(cookie))
-        return self._retire(cookie, wire.offset_data_header(cookie, offset, length, done=True))
+            return wire.done_chunk(cookie)
+        return wire.offset_data_header(cookie, offset, length, done=True)
 
     def ok_reply(self, cookie: int) -> bytes:
-        self._check_reply(cookie)
+        self._answer(cookie)
         if self.negotiated.structured_replies:
-            return self._retire(cookie, wire.done_chunk(cookie))
-        return self._retire(cookie, wire.simple_reply(cookie))
+            return wire.done_chunk(cookie)
+        return wire.simple_reply(cookie)
 
     def error_reply(self, cookie: int, error: Errno, message: str = "") -> bytes:
-        self._check_reply(cookie)
+        self._answer(cookie)
         if not error:  # Errno.OK, or a plain 0: that would be a success reply
             self._fail(LocalProtocolError, "an error reply needs an error")
         if self.negotiated.structured_replies:
-            return self._retire(cookie, wire.error_chunk(cookie, error, message.encode()[:4096]))
-        return self._retire(cookie, wire.simple_reply(cookie, error))
+            return wire.error_chunk(cookie, error, message.encode()[:4096])
+        return wire.simple_reply(cookie, error)
 
     def block_status_reply(
         self, cookie: int, per_context: list[tuple[int, list[tuple[int, int]]]]
     ) -> bytes:
         """One chunk per context; doc/proto.md "NBD_REPLY_TYPE_BLOCK_STATUS": exactly one per
         negotiated context, each with at least one extent."""
-        self._check_reply(cookie)
+        self._answer(cookie)
         if not self.negotiated.structured_replies:
             self._fail(LocalProtocolError, "BLOCK_STATUS needs structured replies")
         ids = sorted(cid for cid, _ in per_context)
@@ -275,7 +277,7 @@ class ServerTransmission:
             wire.block_status_chunk(cookie, cid, extents, done=i == last)
             for i, (cid, extents) in enumerate(per_context)
         )
-        return self._retire(cookie, reply)
+        return reply
 
 
 @dataclass(slots=True)

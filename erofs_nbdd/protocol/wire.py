@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from .constants import (
     EXPORT_NAME_ZEROES,
@@ -67,11 +68,21 @@ class Buffer:
     def take(self, n: int) -> bytes:
         """Remove and return exactly ``n`` bytes; the caller checked ``len(self) >= n``."""
         chunk = bytes(self._data[self._start : self._start + n])
+        self._advance(n)
+        return chunk
+
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        """Remove ``fmt.size`` bytes and unpack them, without copying them out first; the
+        caller checked ``len(self) >= fmt.size``."""
+        values = fmt.unpack_from(self._data, self._start)
+        self._advance(fmt.size)
+        return values
+
+    def _advance(self, n: int) -> None:
         self._start += n
         if self._start > 65536 and self._start * 2 > len(self._data):
             del self._data[: self._start]
             self._start = 0
-        return chunk
 
     def skip(self, n: int) -> int:
         """Drop up to ``n`` bytes; return how many were dropped."""
