@@ -136,8 +136,9 @@ def render_table(
     wide = max([38, *(len(v[0]) for v in found)])
     for what, r, target, higher, met in found:
         sign = ">=" if higher else "<="
-        lines.append(f"  {what:{wide}} {r:5.2f}x  target {sign} {target:g}x  "
-                     f"{'met' if met else 'NOT met'}")  # fmt: skip
+        lines.append(
+            f"  {what:{wide}} {r:5.2f}x  target {sign} {target:g}x  {'met' if met else 'NOT met'}"
+        )
     for name, figures in memory.items():
         met = figures["rss_peak_mib"] < 100
         lines.append(

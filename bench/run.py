@@ -75,8 +75,9 @@ def make_pki(out: Path) -> tuple[Path, list[str]]:
     pki = out / "pki"
     subprocess.run(
         [sys.executable, "-m", "erofs_nbdd", "certs", str(pki), "--client", "bench"],
-        check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     home = Path(tempfile.mkdtemp(prefix="erofs-nbdd-bench-home-"))
     libnbd = home / ".pki" / "libnbd"
     libnbd.mkdir(parents=True)
@@ -93,8 +94,12 @@ def make_pki(out: Path) -> tuple[Path, list[str]]:
 def resident_share(image: Path) -> float:
     """How much of the image is in the page cache, as fincore reports it (-1: unknown)."""
     try:
-        out = subprocess.run(["fincore", "-nb", "-o", "RES,SIZE", str(image)],
-                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        out = subprocess.run(
+            ["fincore", "-nb", "-o", "RES,SIZE", str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         return int(out[0]) / max(1, int(out[1]))
     except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
         return -1.0
@@ -155,8 +160,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="rounds (default 3; quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per fio run (default 8; quick 3)")
     ap.add_argument("--image-mib", type=int, default=1024)
-    ap.add_argument("--pin", choices=["none", "split"], default="none",
-                    help="split: servers on CPU 0, clients on CPU 1")  # fmt: skip
+    ap.add_argument(
+        "--pin",
+        choices=["none", "split"],
+        default="none",
+        help="split: servers on CPU 0, clients on CPU 1",
+    )
     ap.add_argument("--workers", type=int, help="erofs-nbdd --workers (default: its own)")
     ap.add_argument("--out", type=Path, help="default bench/results/DATE")
     ap.add_argument("--base-port", type=int, default=21800)
@@ -205,8 +214,10 @@ def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
     results: list[dict[str, object]] = []
     started = time.monotonic()
     runs = args.repeats * len(workloads) * len(servers)
-    say(f"{len(servers)} servers x {len(workloads)} workloads x {args.repeats} rounds = {runs} "
-        f"runs of {args.duration:g} s; results in {out}")  # fmt: skip
+    say(
+        f"{len(servers)} servers x {len(workloads)} workloads x {args.repeats} rounds = {runs} "
+        f"runs of {args.duration:g} s; results in {out}"
+    )
     memory: dict[str, dict[str, float]] = {}
     wide = max(len(s.name) for s in servers)
     try:
@@ -228,11 +239,14 @@ def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
                     elapsed = time.monotonic() - t0
                     figures["server_cpu"] = (server.cpu_seconds() - cpu0) / elapsed
                     figures["resident_before"] = resident
-                    results.append({"server": server.name, "workload": w.name, "round": rnd,
-                                    **figures})  # fmt: skip
+                    results.append(
+                        {"server": server.name, "workload": w.name, "round": rnd, **figures}
+                    )
                     done += 1
-                    say(f"{done}/{runs} {w.name:15} {server.name:{wide}} "
-                        f"{figures[primary(w)]:10.0f} {primary(w)}")  # fmt: skip
+                    say(
+                        f"{done}/{runs} {w.name:15} {server.name:{wide}} "
+                        f"{figures[primary(w)]:10.0f} {primary(w)}"
+                    )
         for ours in servers:
             if ours.kind != "erofs-nbdd" or ours.tls:
                 continue

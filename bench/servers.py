@@ -181,8 +181,15 @@ def make_servers(
             tree = ROOT if ref is None else (trees or {}).get(ref)
             if tree is None:
                 raise ValueError(f"{name}: no checkout of {ref} (see --against)")
-            argv = [sys.executable, "-m", "erofs_nbdd", "serve", str(image.parent),
-                    "--listen", f"{HOST}:{port}"]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "erofs_nbdd",
+                "serve",
+                str(image.parent),
+                "--listen",
+                f"{HOST}:{port}",
+            ]
             if workers is not None:
                 argv += ["--workers", str(workers)]
             if tls:
@@ -195,11 +202,28 @@ def make_servers(
                 argv += ["--tls=require", f"--tls-certificates={pki}"]
             argv += ["file", str(image)]
         elif kind == "qemu-nbd":
-            argv = ["qemu-nbd", "-r", "-f", "raw", "-t", "-e", "0", "-x", EXPORT,
-                    "-b", HOST, "-p", str(port)]  # fmt: skip
+            argv = [
+                "qemu-nbd",
+                "-r",
+                "-f",
+                "raw",
+                "-t",
+                "-e",
+                "0",
+                "-x",
+                EXPORT,
+                "-b",
+                HOST,
+                "-p",
+                str(port),
+            ]
             if tls:
-                argv += ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
-                         "--tls-creds", "tls0"]  # fmt: skip
+                argv += [
+                    "--object",
+                    f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+                    "--tls-creds",
+                    "tls0",
+                ]
             argv.append(str(image))
         else:
             raise ValueError(f"unknown server {name!r}")

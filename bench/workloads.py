@@ -55,11 +55,21 @@ def run_fio(
     w: Workload, uri: str, seconds: float, cpus: str | None, prefix: list[str]
 ) -> dict[str, float]:
     argv = [
-        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={w.rw}",
-        f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}",
-        "--group_reporting", "--time_based", f"--runtime={seconds}", "--ramp_time=0.5",
-        "--output-format=json", "--randrepeat=0",
-    ]  # fmt: skip
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={w.rw}",
+        f"--bs={w.bs}",
+        f"--iodepth={w.iodepth}",
+        f"--numjobs={w.numjobs}",
+        "--group_reporting",
+        "--time_based",
+        f"--runtime={seconds}",
+        "--ramp_time=0.5",
+        "--output-format=json",
+        "--randrepeat=0",
+    ]
     result = subprocess.run(
         client_argv(argv, cpus, prefix), capture_output=True, text=True, timeout=seconds + 60
     )
@@ -125,10 +135,11 @@ def memory_under_load(
             tx = ClientTransmission(hs.negotiated)
             tx.receive_data(hs.trailing_data)
             requests = b"".join(
-                tx.request(Cmd.READ, rng.randrange(0, size - (128 << 10)) // 4096 * 4096,
-                           128 << 10)[1]
+                tx.request(
+                    Cmd.READ, rng.randrange(0, size - (128 << 10)) // 4096 * 4096, 128 << 10
+                )[1]
                 for _ in range(depth)
-            )  # fmt: skip
+            )
             sock.sendall(requests)
             machines.append(tx)
         peak = before

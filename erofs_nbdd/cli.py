@@ -13,12 +13,20 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__
-from .config import DEFAULT_CERT_DAYS, DEFAULT_PORT, Limits, ServerConfig
+from .config import (
+    DEFAULT_CERT_DAYS,
+    DEFAULT_PORT,
+    Limits,
+    ServerConfig,
+    TLSConfig,
+    TLSMode,
+    parse_allow,
+)
 from .memory import tune_malloc
 from .server.balance import LoadBoard
 from .server.listener import Server, bind_listen
 from .server.workers import run_workers, share
-from .transport.contexts import TLSConfig, TLSMode, TLSSetupError, parse_allow
+from .transport.contexts import TLSSetupError
 from .transport.listen import ListenError, describe, parse_listen
 
 if TYPE_CHECKING:
@@ -41,23 +49,43 @@ class ExitStatus(enum.IntEnum):
 #: --flag, Limits field, help. Counts and byte sizes are ints; times are float seconds.
 LIMIT_FLAGS = (
     ("--max-connections", "max_connections", "connections served at once"),
-    ("--max-connections-per-client", "max_connections_per_client",
-     "connections from one IP address at once; 0: no limit"),
+    (
+        "--max-connections-per-client",
+        "max_connections_per_client",
+        "connections from one IP address at once; 0: no limit",
+    ),
     ("--handshake-timeout", "handshake_timeout", "seconds from connect to transmission"),
-    ("--idle-timeout", "idle_timeout",
-     "close a connection after this many seconds without a request; 0: never"),
-    ("--reply-timeout", "reply_timeout",
-     "close a connection whose client reads no reply for this long; 0: never"),
+    (
+        "--idle-timeout",
+        "idle_timeout",
+        "close a connection after this many seconds without a request; 0: never",
+    ),
+    (
+        "--reply-timeout",
+        "reply_timeout",
+        "close a connection whose client reads no reply for this long; 0: never",
+    ),
     ("--max-in-flight", "max_in_flight", "storage reads in flight per connection"),
-    ("--max-connection-buffer", "max_connection_buffer",
-     "bytes of replies one connection may hold in memory"),
+    (
+        "--max-connection-buffer",
+        "max_connection_buffer",
+        "bytes of replies one connection may hold in memory",
+    ),
     ("--max-server-buffer", "max_server_buffer", "bytes of replies all connections may hold"),
-    ("--shutdown-grace", "shutdown_grace",
-     "seconds in-flight requests get to finish after SIGINT/SIGTERM"),
-)  # fmt: skip
+    (
+        "--shutdown-grace",
+        "shutdown_grace",
+        "seconds in-flight requests get to finish after SIGINT/SIGTERM",
+    ),
+)
 #: Limits that must be at least 1 (the others accept 0 where their help says so).
-POSITIVE_LIMITS = ("max_connections", "max_in_flight", "max_connection_buffer",
-                   "max_server_buffer", "handshake_timeout")  # fmt: skip
+POSITIVE_LIMITS = (
+    "max_connections",
+    "max_in_flight",
+    "max_connection_buffer",
+    "max_server_buffer",
+    "handshake_timeout",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,58 +111,81 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-export", metavar="NAME", help="export served for the empty name")
     s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     s.add_argument(
-        "--busy-poll", type=int, default=ServerConfig.busy_poll_us, metavar="MICROSECONDS",
+        "--busy-poll",
+        type=int,
+        default=ServerConfig.busy_poll_us,
+        metavar="MICROSECONDS",
         help="after a reply, poll this long for the next request before sleeping: lower "
         "latency at queue depth 1 for some CPU (default %(default)s; 0: off)",
-    )  # fmt: skip
+    )
     s.add_argument(
-        "--workers", type=int, default=1, metavar="N",
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
         help="server processes sharing the listening sockets; server-wide limits are split "
         "between them (default 1)",
-    )  # fmt: skip
+    )
     s.add_argument(
-        "--io-uring", choices=["auto", "off"], default="auto",
+        "--io-uring",
+        choices=["auto", "off"],
+        default="auto",
         help="auto: read what misses the page cache through io_uring where the kernel allows "
         "it; off: on threads",
-    )  # fmt: skip
+    )
     lim = s.add_argument_group("limits", "what one client may cost the server (README: Limits)")
     for flag, field, help_text in LIMIT_FLAGS:
         default = getattr(Limits, field)
         kind = type(default)
         lim.add_argument(
-            flag, dest=field, type=kind, default=default,
+            flag,
+            dest=field,
+            type=kind,
+            default=default,
             metavar="SECONDS" if kind is float else "N",
             help=f"{help_text} (default {default:g})",
-        )  # fmt: skip
+        )
     t = s.add_argument_group("TLS")
     t.add_argument(
-        "--tls", choices=[m.value for m in TLSMode], default="off",
+        "--tls",
+        choices=[m.value for m in TLSMode],
+        default="off",
         help="off: refuse STARTTLS; on: offer TLS, serve plaintext too; require: TLS only",
-    )  # fmt: skip
+    )
     t.add_argument(
-        "--tls-certificates", type=Path, metavar="DIR",
+        "--tls-certificates",
+        type=Path,
+        metavar="DIR",
         help="ca-cert.pem, server-cert.pem, server-key.pem (make them with `erofs-nbdd certs`)",
-    )  # fmt: skip
+    )
     t.add_argument(
-        "--tls-verify-peer", action="store_true",
+        "--tls-verify-peer",
+        action="store_true",
         help="only clients with a certificate signed by ca-cert.pem get in",
-    )  # fmt: skip
+    )
     t.add_argument(
-        "--tls-kernel", choices=["auto", "off"], default="auto",
+        "--tls-kernel",
+        choices=["auto", "off"],
+        default="auto",
         help="auto: the kernel encrypts replies when it can (the tls module is loaded), so "
         "large reads go out by sendfile; off: always encrypt in this process",
-    )  # fmt: skip
+    )
     t.add_argument(
-        "--tls-seal", choices=["auto", "openssl"], default="auto",
+        "--tls-seal",
+        choices=["auto", "openssl"],
+        default="auto",
         help="in this process, auto: TLS 1.3 records of replies are sealed by erofs-nbdd "
         "(AES-GCM or ChaCha20-Poly1305 from the cryptography package), the rest by OpenSSL; "
         "openssl: OpenSSL seals every record",
-    )  # fmt: skip
+    )
     t.add_argument(
-        "--tls-allow", action="append", default=[], metavar="EXPORT=CN[,CN...]",
+        "--tls-allow",
+        action="append",
+        default=[],
+        metavar="EXPORT=CN[,CN...]",
         help="only these client certificate names may use EXPORT (a name or a pattern such as "
         "team/*); repeatable; needs --tls-verify-peer",
-    )  # fmt: skip
+    )
 
     c = sub.add_parser(
         "certs",
@@ -145,10 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("cert_dir", type=Path, metavar="CERTDIR")
     c.add_argument(
-        "--host", action="append", default=[], metavar="NAME_OR_IP",
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
         help="names the server certificate covers (default: localhost, 127.0.0.1, ::1, "
         "this machine's hostname)",
-    )  # fmt: skip
+    )
     c.add_argument("--client", action="append", default=[], metavar="NAME")
     c.add_argument(
         "--days", type=int, default=DEFAULT_CERT_DAYS, help="validity of new certificates"
@@ -220,8 +274,10 @@ def _certs(args: argparse.Namespace) -> int:
 
     for name in args.client:
         if not name or "/" in name or name in (".", ".."):
-            print(f"erofs-nbdd: --client {name!r}: use a plain name such as ci-runner-1",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"erofs-nbdd: --client {name!r}: use a plain name such as ci-runner-1",
+                file=sys.stderr,
+            )
             return ExitStatus.USAGE
     try:
         written = make_certificates(

@@ -71,9 +71,22 @@ def parse_superblock(head: bytes, size: int) -> Superblock:
     if size < end or len(head) < end:
         raise NotErofs(f"too small for an EROFS superblock ({size} bytes)")
     (
-        magic, _csum, compat, blkszbits, _ext, _root, inos, build_time, _nsec,
-        blocks, _meta, _xattr, raw_uuid, raw_name, incompat,
-    ) = _SUPERBLOCK.unpack_from(head, SUPERBLOCK_OFFSET)  # fmt: skip
+        magic,
+        _csum,
+        compat,
+        blkszbits,
+        _ext,
+        _root,
+        inos,
+        build_time,
+        _nsec,
+        blocks,
+        _meta,
+        _xattr,
+        raw_uuid,
+        raw_name,
+        incompat,
+    ) = _SUPERBLOCK.unpack_from(head, SUPERBLOCK_OFFSET)
     if magic != EROFS_MAGIC:
         raise NotErofs(f"no EROFS magic at byte {SUPERBLOCK_OFFSET} (found {magic:#010x})")
     if not 9 <= blkszbits <= 16:

@@ -92,8 +92,9 @@ def made_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("certs")
     subprocess.run(
         [sys.executable, "-m", "erofs_nbdd", "certs", str(d), "--client", "alice"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     anonymous = d / "clients" / "anonymous"
     anonymous.mkdir()
     (anonymous / "ca-cert.pem").write_bytes((d / "ca-cert.pem").read_bytes())

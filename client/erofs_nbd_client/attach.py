@@ -207,13 +207,22 @@ async def attach(options: AttachOptions) -> devices.Record:
             await trio.aclose_forcefully(conn.session.stream)
         await _wait_for_device(index, details.size)
         record = devices.Record(
-            index=index, backend=backend, server=target.describe(), export=target.export,
-            connections=len(conns), mountpoint=os.path.realpath(options.mountpoint),
-            size=details.size, tls=target.tls,
+            index=index,
+            backend=backend,
+            server=target.describe(),
+            export=target.export,
+            connections=len(conns),
+            mountpoint=os.path.realpath(options.mountpoint),
+            size=details.size,
+            tls=target.tls,
             cert_dir=str(target.cert_dir) if target.cert_dir else None,
-            interface=interface, helper_pids=pids, helper_logs=logs, identity=identity,
-            flags=details.flags, targets=[t.to_json() for t in options.targets],
-        )  # fmt: skip
+            interface=interface,
+            helper_pids=pids,
+            helper_logs=logs,
+            identity=identity,
+            flags=details.flags,
+            targets=[t.to_json() for t in options.targets],
+        )
         record.save()
         await _mount(index, options)
         if interface == "netlink":

@@ -54,7 +54,7 @@ async def start_bridge(target: Target, count: int) -> Helper:
         "target": target.to_json(),
         "fds": child_fds,
         "status_fd": status_w,
-    }  # fmt: skip
+    }
     try:
         pid = spawn("erofs_nbd_client.bridge", [json.dumps(spec)], [*child_fds, status_w], log_path)
     finally:
@@ -83,10 +83,12 @@ async def start_bridge(target: Target, count: int) -> Helper:
         a.close()
     details = ExportDetails(**status["details"])
     conns = [
-        Connection(details, Session(trio.SocketStream(trio.socket.from_stdlib_socket(a)),
-                                    Negotiated(), b""))
+        Connection(
+            details,
+            Session(trio.SocketStream(trio.socket.from_stdlib_socket(a)), Negotiated(), b""),
+        )
         for a, _ in pairs[:used]
-    ]  # fmt: skip
+    ]
     return Helper(pid=pid, log_path=str(log_path), connections=conns)
 
 

@@ -46,27 +46,39 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("server", metavar="SERVER[,SERVER...]", nargs="?")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
-    parser.add_argument("--server", dest="more", action="append", default=[], metavar="SERVER",
-                        help="another server for the failover list")  # fmt: skip
+    parser.add_argument(
+        "--server",
+        dest="more",
+        action="append",
+        default=[],
+        metavar="SERVER",
+        help="another server for the failover list",
+    )
     parser.add_argument("--export", help="export name (default: from the URI, else the default)")
     parser.add_argument(
-        "--tls-certificates", type=Path, metavar="CERTDIR",
+        "--tls-certificates",
+        type=Path,
+        metavar="CERTDIR",
         help="ca-cert.pem (and client-cert.pem, client-key.pem); implies TLS",
-    )  # fmt: skip
+    )
     parser.add_argument("--connections", type=int, default=1, metavar="N")
     parser.add_argument(
         "--timeout", type=int, default=30, metavar="S", help="kernel per-request timeout"
     )
     parser.add_argument(
-        "--dead-timeout", type=int, default=300, metavar="S",
+        "--dead-timeout",
+        type=int,
+        default=300,
+        metavar="S",
         help="how long I/O waits for the supervisor to replace a dead connection",
-    )  # fmt: skip
+    )
     parser.add_argument("-o", dest="options", default="", metavar="MOUNTOPTS")
     parser.add_argument("--device", metavar="/dev/nbdN", help="use this device")
     parser.add_argument(
-        "--reattach", metavar="/dev/nbdN",
+        "--reattach",
+        metavar="/dev/nbdN",
         help="start a new supervisor for an attached device (its old one died or is upgraded)",
-    )  # fmt: skip
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
@@ -100,10 +112,14 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.connections <= 16:
         return _fail(parser.prog, AttachError(ExitStatus.USAGE, "--connections must be 1..16"))
     options = AttachOptions(
-        targets=targets, mountpoint=args.mountpoint, connections=args.connections,
-        timeout=args.timeout, dead_timeout=args.dead_timeout, mount_options=args.options,
+        targets=targets,
+        mountpoint=args.mountpoint,
+        connections=args.connections,
+        timeout=args.timeout,
+        dead_timeout=args.dead_timeout,
+        mount_options=args.options,
         device=device,
-    )  # fmt: skip
+    )
     try:
         record = trio.run(attach, options)
     except AttachError as exc:
@@ -156,21 +172,23 @@ def list_main(argv: Sequence[str] | None = None) -> int:
         if connected and not helper_ok:
             state = "connected, helper gone"
 
-        rows.append({
-            "device": devices.device_path(index),
-            "index": index,
-            "state": state,
-            "server": r.server if r else None,
-            "supervisor": supervisor.get("state") if supervisor else None,
-            "reconnects": supervisor.get("reconnects", 0) if supervisor else 0,
-            "export": r.export if r else None,
-            "connections": r.connections if r else None,
-            "mountpoint": devices.mountpoint_of(index),
-            "tls": r.tls if r else None,
-            "interface": r.interface if r else None,
-            "helper_pids": r.helper_pids if r else [],
-            "backend": devices.backend_of(index) or (r.backend if r else None),
-        })  # fmt: skip
+        rows.append(
+            {
+                "device": devices.device_path(index),
+                "index": index,
+                "state": state,
+                "server": r.server if r else None,
+                "supervisor": supervisor.get("state") if supervisor else None,
+                "reconnects": supervisor.get("reconnects", 0) if supervisor else 0,
+                "export": r.export if r else None,
+                "connections": r.connections if r else None,
+                "mountpoint": devices.mountpoint_of(index),
+                "tls": r.tls if r else None,
+                "interface": r.interface if r else None,
+                "helper_pids": r.helper_pids if r else [],
+                "backend": devices.backend_of(index) or (r.backend if r else None),
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
         return ExitStatus.OK

@@ -16,31 +16,29 @@ import trio
 
 from erofs_nbdd.protocol import (
     NEED_DATA,
+    BlockSizeInfo,
+    BlockStatusChunk,
     ClientHandshake,
     ClientTransmission,
     Cmd,
-    Info,
-    Negotiated,
-    Rep,
-    State,
-)
-from erofs_nbdd.protocol.events import (
-    BlockSizeInfo,
-    BlockStatusChunk,
     DataChunk,
     DescriptionInfo,
     ErrorChunk,
     ExportInfo,
     ExportNameReply,
     HoleChunk,
+    Info,
     MetaContext,
     NameInfo,
+    Negotiated,
     NoneChunk,
     OptionAck,
     OptionError,
+    Rep,
     ReplyEvent,
     ServerEntry,
     SimpleReply,
+    State,
 )
 from erofs_nbdd.transport.stream import StreamTransport
 from erofs_nbdd.transport.tls import TLSTransport
@@ -48,7 +46,7 @@ from erofs_nbdd.transport.tls import TLSTransport
 if TYPE_CHECKING:
     import ssl
 
-    from erofs_nbdd.protocol.events import NeedData
+    from erofs_nbdd.protocol import NeedData
 
 T = TypeVar("T")
 RECEIVE_SIZE = 256 * 1024

@@ -41,9 +41,14 @@ class Supervisor:
 
     def publish(self, **extra: object) -> None:
         devices.write_state(
-            self.index, pid=os.getpid(), state=self.state, server=self.record.server,
-            reconnects=self.reconnects, updated=time.time(), **extra,
-        )  # fmt: skip
+            self.index,
+            pid=os.getpid(),
+            state=self.state,
+            server=self.record.server,
+            reconnects=self.reconnects,
+            updated=time.time(),
+            **extra,
+        )
 
     async def run(self) -> None:
         group = await trio.to_thread.run_sync(netlink.multicast_group)
@@ -98,8 +103,12 @@ class Supervisor:
                     self.publish(last_wait=round(waited, 3), cause=cause)
                     log.warning(
                         "/dev/nbd%d: reconnected to %s after %.1f s (reconnect %d; cause: %s)",
-                        self.index, target.describe(), waited, self.reconnects, cause,
-                    )  # fmt: skip
+                        self.index,
+                        target.describe(),
+                        waited,
+                        self.reconnects,
+                        cause,
+                    )
                     return
             await trio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
@@ -126,8 +135,10 @@ class Supervisor:
                     # starting): not reconnected now, retried like a refused connection.
                     log.warning(
                         "/dev/nbd%d: cannot check the image %s serves: %s; will retry",
-                        self.index, target.describe(), exc,
-                    )  # fmt: skip
+                        self.index,
+                        target.describe(),
+                        exc,
+                    )
                     return False
             if identity != record.identity:
                 self.state = "refusing"
@@ -135,8 +146,10 @@ class Supervisor:
                 log.error(
                     "/dev/nbd%d: %s serves a different image under %r (size, flags or "
                     "superblock changed); not reconnecting to it",
-                    self.index, target.describe(), target.export,
-                )  # fmt: skip
+                    self.index,
+                    target.describe(),
+                    target.export,
+                )
                 return False
             fds = tuple(socket_of(c.session.stream).fileno() for c in conns)
             await trio.to_thread.run_sync(

@@ -56,8 +56,12 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def _parse_uri(text: str, export: str | None) -> Target:
     url = urllib.parse.urlsplit(text)
-    schemes = {"nbd": (False, False), "nbds": (True, False),
-               "nbd+unix": (False, True), "nbds+unix": (True, True)}  # fmt: skip
+    schemes = {
+        "nbd": (False, False),
+        "nbds": (True, False),
+        "nbd+unix": (False, True),
+        "nbds+unix": (True, True),
+    }
     if url.scheme not in schemes:
         raise ValueError(f"{text!r}: the scheme must be nbd, nbds, nbd+unix or nbds+unix")
     tls, unix = schemes[url.scheme]

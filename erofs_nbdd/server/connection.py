@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..config import TLSMode
 from ..protocol import (
     BASE_ALLOCATION,
     NEED_DATA,
@@ -38,7 +39,7 @@ from ..protocol import (
     UnsupportedOption,
 )
 from ..storage.file import FileBackendFactory
-from ..transport.contexts import TLSMode, peer_common_name, peer_subject
+from ..transport.contexts import peer_common_name, peer_subject
 from ..transport.sealing import Sealing
 from .budget import ByteBudget
 from .outcome import ClientGone, LimitExceeded, Refused, Stats

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..config import TLSMode
 from ..protocol import ProtocolError
 from ..storage import uring
 from ..storage.exports import ExportDirectory
 from ..storage.file import FileBackendFactory
 from ..transport import ktls
 from ..transport.base import Policy, ReplyTimeout
-from ..transport.contexts import TLSMode, server_context
+from ..transport.contexts import server_context
 from ..transport.keylog import KeyLog
 from ..transport.listen import bind, close_all, describe, parse_listen
 from ..transport.plain import PlainTransport
@@ -139,8 +140,10 @@ class Server:
         found = await trio.to_thread.run_sync(self.exports.scan)
         log.info(
             "serving %d export(s) from %s: %s",
-            len(found), self.exports.root, ", ".join(found) or "-",
-        )  # fmt: skip
+            len(found),
+            self.exports.root,
+            ", ".join(found) or "-",
+        )
         if config.default_export is not None and config.default_export not in found:
             log.warning("--default-export %r names no export (yet)", config.default_export)
         if sockets is None:
@@ -156,8 +159,9 @@ class Server:
         if files < wanted:
             log.warning(
                 "only %d file descriptors (ulimit -n); --max-connections %d may not be reached",
-                files, config.limits.max_connections,
-            )  # fmt: skip
+                files,
+                config.limits.max_connections,
+            )
         with self._grace:
             async with trio.open_nursery() as connections:
                 with self._accepting:

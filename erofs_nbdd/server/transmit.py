@@ -73,6 +73,8 @@ class Transmitter:
         self.peer = peer
         self.verbose = verbose
         self._tx = tx
+        #: Bytes of a READ reply's header: its data follows them in one buffer.
+        self._head = tx.read_header_size
         self._budget = ByteBudget(limits.max_connection_buffer)
         self._server_budget = server_budget
         self._stopping = False
@@ -163,15 +165,14 @@ class Transmitter:
         """The whole reply to a READ the page cache holds, or None if it must wait."""
         if req.length > INLINE_MAX:
             return None
-        tx = self._tx
-        start = tx.read_header_size
+        start = self._head
         buf = bytearray(start + req.length)
         try:
             if not self.backend.read_nowait(memoryview(buf)[start:], req.offset):
                 return None
         except ImageUnreadable as exc:
             return self._unreadable(req, exc)
-        buf[:start] = tx.read_reply_header(req.cookie, req.offset, req.length)
+        buf[:start] = self._tx.read_reply_header(req.cookie, req.offset, req.length)
         self.stats.bytes_read += req.length
         return buf
 
@@ -211,7 +212,7 @@ class Transmitter:
             try:
                 if req.cmd == Cmd.READ:
                     # Read everything before any header goes out, so a failure is a clean EIO.
-                    start = tx.read_header_size
+                    start = self._head
                     reply = bytearray(start + req.length)
                     await self.backend.read(memoryview(reply)[start:], req.offset)
                     reply[:start] = tx.read_reply_header(req.cookie, req.offset, req.length)

@@ -97,8 +97,10 @@ class ExportDirectory:
                     "%s: owned by uid %d and not writable here, so Linux hides its page cache "
                     "from this server: its reads are copied, not sent from the page cache "
                     "(chown it to uid %d for zero-copy reads)",
-                    relative, st.st_uid, os.geteuid(),
-                )  # fmt: skip
+                    relative,
+                    st.st_uid,
+                    os.geteuid(),
+                )
         if isinstance(cached, str):
             return None
         name = export_name(relative)

@@ -25,9 +25,13 @@ def _libc() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's included
         lib.mmap.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
             ctypes.c_long,
-        ]  # fmt: skip
+        ]
         lib.mmap.restype = ctypes.c_void_p
         lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         lib.munmap.restype = ctypes.c_int

@@ -50,26 +50,45 @@ _U32, _U64 = ctypes.c_uint32, ctypes.c_uint64
 
 class _SqOffsets(ctypes.Structure):
     _fields_ = [
-        ("head", _U32), ("tail", _U32), ("ring_mask", _U32), ("ring_entries", _U32),
-        ("flags", _U32), ("dropped", _U32), ("array", _U32), ("resv1", _U32),
+        ("head", _U32),
+        ("tail", _U32),
+        ("ring_mask", _U32),
+        ("ring_entries", _U32),
+        ("flags", _U32),
+        ("dropped", _U32),
+        ("array", _U32),
+        ("resv1", _U32),
         ("user_addr", _U64),
-    ]  # fmt: skip
+    ]
 
 
 class _CqOffsets(ctypes.Structure):
     _fields_ = [
-        ("head", _U32), ("tail", _U32), ("ring_mask", _U32), ("ring_entries", _U32),
-        ("overflow", _U32), ("cqes", _U32), ("flags", _U32), ("resv1", _U32),
+        ("head", _U32),
+        ("tail", _U32),
+        ("ring_mask", _U32),
+        ("ring_entries", _U32),
+        ("overflow", _U32),
+        ("cqes", _U32),
+        ("flags", _U32),
+        ("resv1", _U32),
         ("user_addr", _U64),
-    ]  # fmt: skip
+    ]
 
 
 class _Params(ctypes.Structure):
     _fields_ = [
-        ("sq_entries", _U32), ("cq_entries", _U32), ("flags", _U32), ("sq_thread_cpu", _U32),
-        ("sq_thread_idle", _U32), ("features", _U32), ("wq_fd", _U32), ("resv", _U32 * 3),
-        ("sq_off", _SqOffsets), ("cq_off", _CqOffsets),
-    ]  # fmt: skip
+        ("sq_entries", _U32),
+        ("cq_entries", _U32),
+        ("flags", _U32),
+        ("sq_thread_cpu", _U32),
+        ("sq_thread_idle", _U32),
+        ("features", _U32),
+        ("wq_fd", _U32),
+        ("resv", _U32 * 3),
+        ("sq_off", _SqOffsets),
+        ("cq_off", _CqOffsets),
+    ]
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -131,9 +150,18 @@ class Ring:
         does not take the read, OSError, and the read is not made."""
         tail = self._sq_tail.value
         _SQE.pack_into(
-            self._sqes, (tail & self._sq_mask) * _SQE.size,
-            _OP_READ, 0, 0, fd, offset, address, length, 0, user_data,
-        )  # fmt: skip
+            self._sqes,
+            (tail & self._sq_mask) * _SQE.size,
+            _OP_READ,
+            0,
+            0,
+            fd,
+            offset,
+            address,
+            length,
+            0,
+            user_data,
+        )
         self._sq_tail.value = tail + 1  # the kernel reads the entry on this thread, below
         taken = _syscall(_ENTER, self.fd, 1, 0, 0, None, 0)
         if taken != 1:

@@ -118,12 +118,18 @@ def _leaf(
         b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         b = b.add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if names:
             b = b.add_extension(
@@ -138,12 +144,18 @@ def _ca_extensions(b: x509.CertificateBuilder) -> x509.CertificateBuilder:
     b = b.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
     return b.add_extension(
         x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False,
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
         ),
         critical=True,
-    )  # fmt: skip
+    )
 
 
 def _expiry(path: Path) -> datetime.datetime:
@@ -165,9 +177,13 @@ def make_certificates(
     if force or not (ca_cert_path.exists() and ca_key_path.exists()):
         ca_key = _key()
         ca_cert = _sign(
-            "erofs-nbdd CA", ca_key.public_key(), _name("erofs-nbdd CA"), ca_key, CA_DAYS,
+            "erofs-nbdd CA",
+            ca_key.public_key(),
+            _name("erofs-nbdd CA"),
+            ca_key,
+            CA_DAYS,
             _ca_extensions,
-        )  # fmt: skip
+        )
         _write_key(ca_key_path, ca_key)
         _write_cert(ca_cert_path, ca_cert)
         written.append(Written(ca_cert_path, "CA", ca_cert.not_valid_after_utc, kept=False))

@@ -1,4 +1,4 @@
-"""TLS for both sides: SSL contexts from a certificate directory, and who may see which export.
+"""TLS for both sides: SSL contexts from a certificate directory, and the peer names in them.
 
 The directory layout is the one nbdkit, qemu and libnbd share: ``ca-cert.pem``,
 ``server-cert.pem``, ``server-key.pem`` (server) and ``ca-cert.pem``, ``client-cert.pem``,
@@ -8,20 +8,11 @@ so a client may later hand its TLS socket to kernel TLS, which fails on any non-
 
 from __future__ import annotations
 
-import enum
-import fnmatch
 import ssl
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-
-class TLSMode(enum.Enum):
-    OFF = "off"  # NOTLS: STARTTLS is refused
-    ON = "on"  # TLS offered; plaintext clients are served too
-    REQUIRE = "require"  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
 
 
 class TLSSetupError(ValueError):
@@ -112,47 +103,3 @@ def peer_common_name(cert: dict[str, object] | None) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
-
-
-@dataclass(frozen=True)
-class AllowRule:
-    pattern: str  # an export name, or an fnmatch pattern such as team/*
-    names: frozenset[str]
-
-
-def parse_allow(text: str) -> AllowRule:
-    """``EXPORT=CN[,CN...]`` as given to --tls-allow."""
-    pattern, sep, names = text.partition("=")
-    cns = frozenset(n.strip() for n in names.split(",") if n.strip())
-    if not sep or not pattern or not cns:
-        raise TLSSetupError(
-            f"--tls-allow {text!r}: write EXPORT=CN[,CN...], e.g. team/app=ci-runner"
-        )
-    return AllowRule(pattern, cns)
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    mode: TLSMode = TLSMode.OFF
-    cert_dir: Path | None = None
-    verify_peer: bool = False
-    allow: tuple[AllowRule, ...] = field(default_factory=tuple)
-    #: Hand the session keys to the kernel when it can take them (see ktls.py).
-    kernel: bool = True
-    #: Otherwise seal TLS 1.3 records of replies here, not in OpenSSL (see records.py).
-    seal: bool = True
-
-    def restricted(self, export: str) -> frozenset[str] | None:
-        """The client names that may use ``export``; None when anyone may."""
-        rules = [r for r in self.allow if fnmatch.fnmatchcase(export, r.pattern)]
-        if not rules:
-            return None
-        return frozenset().union(*(r.names for r in rules))
-
-    def check(self) -> None:
-        if self.mode is not TLSMode.OFF and self.cert_dir is None:
-            raise TLSSetupError(f"--tls {self.mode.value} needs --tls-certificates DIR")
-        if self.allow and not self.verify_peer:
-            raise TLSSetupError("--tls-allow needs --tls-verify-peer (clients must prove names)")
-        if self.allow and self.mode is TLSMode.OFF:
-            raise TLSSetupError("--tls-allow needs --tls on or --tls require")

@@ -11,6 +11,7 @@ exists only while it is blocked.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
     from ..ranges import FileRange
     from .sealing import Sealing
+
+log = logging.getLogger("erofs_nbdd.transport")
 
 YIELD_EVERY = 16
 RECEIVE_SIZE = 65536
@@ -59,7 +62,17 @@ class PlainTransport(Transport):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
         await self._maybe_yield()
-        async with self._send_lock:
+        if not self._send_lock.locked():  # nobody mid-send: one write usually does it all
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        async with self._send_lock:  # taken at once if it was free above: nothing between
             await self._write(data)
 
     async def _write(self, data: bytes | bytearray | memoryview) -> None:
@@ -133,8 +146,8 @@ class PlainTransport(Transport):
         if ktls.enabled(context):
             try:
                 return ktls.KernelTLSTransport(self, context)
-            except OSError:  # no descriptor to spare: TLS in this process
-                pass
+            except OSError as exc:  # no descriptor to spare: TLS in this process
+                log.warning("kernel TLS not used: %s", exc)
         return super().start_tls(context, sealing)
 
     async def aclose(self) -> None:

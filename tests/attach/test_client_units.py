@@ -30,12 +30,15 @@ from ..interop.conftest import start_server_process, stop_server_process
         ("nbd://h/team/app-v2", None, Target(host="h", export="team/app-v2")),
         ("nbd://h:7/x", "y", Target(host="h", port=7, export="y")),
         ("nbd://[::1]:7/x%20y", None, Target(host="::1", port=7, export="x y")),
-        ("nbds://h/x?tls-certificates=/p", None,
-         Target(host="h", export="x", tls=True, cert_dir=Path("/p"))),
+        (
+            "nbds://h/x?tls-certificates=/p",
+            None,
+            Target(host="h", export="x", tls=True, cert_dir=Path("/p")),
+        ),
         ("nbd+unix:///x?socket=/run/s", None, Target(unix_path="/run/s", export="x")),
         ("nbds+unix:///?socket=/s", None, Target(unix_path="/s", tls=True)),
     ],
-)  # fmt: skip
+)
 def test_parse_target(text: str, export: str | None, target: Target) -> None:
     assert parse_target(text, export=export) == target
 
@@ -63,9 +66,15 @@ def test_describe_round_trips() -> None:
 
 @pytest.mark.parametrize(
     ("block_size", "expect"),
-    [(None, 4096), ((512, 4096, 1 << 25), 4096), ((512, 512, 0), 512), ((512, 1 << 16, 0), 4096),
-     ((1024, 512, 0), 1024), ((1, 3000, 0), 4096)],
-)  # fmt: skip
+    [
+        (None, 4096),
+        ((512, 4096, 1 << 25), 4096),
+        ((512, 512, 0), 512),
+        ((512, 1 << 16, 0), 4096),
+        ((1024, 512, 0), 1024),
+        ((1, 3000, 0), 4096),
+    ],
+)
 def test_kernel_block_size(block_size: tuple[int, int, int] | None, expect: int) -> None:
     assert os.sysconf("SC_PAGE_SIZE") == 4096
     assert kernel_block_size(ExportDetails("x", block_size=block_size)) == expect
@@ -74,9 +83,14 @@ def test_kernel_block_size(block_size: tuple[int, int, int] | None, expect: int)
 def test_records_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "RUN_DIR", tmp_path / "run")
     record = devices.Record(
-        index=3, backend="b", server="nbd://h/x", export="x", connections=2, mountpoint="/m",
+        index=3,
+        backend="b",
+        server="nbd://h/x",
+        export="x",
+        connections=2,
+        mountpoint="/m",
         size=4096,
-    )  # fmt: skip
+    )
     record.save()
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
     assert record.path.stat().st_mode & 0o777 == 0o600
@@ -86,8 +100,10 @@ def test_records_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert devices.load_record(3) is None
 
 
-@pytest.mark.parametrize(("text", "index"), [("/dev/nbd3", 3), ("nbd12", 12), ("/dev/sda", None),
-                                             ("/mnt", None), ("nbdx", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "index"),
+    [("/dev/nbd3", 3), ("nbd12", 12), ("/dev/sda", None), ("/mnt", None), ("nbdx", None)],
+)
 def test_parse_device(text: str, index: int | None) -> None:
     assert devices.parse_device(text) == index
 
@@ -119,9 +135,12 @@ def test_mounts_reads_this_machine() -> None:
 
 def attach_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "erofs_nbd_client", *args], capture_output=True, text=True,
-        timeout=120, env=env,
-    )  # fmt: skip
+        [sys.executable, "-m", "erofs_nbd_client", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_usage_errors(tmp_path: Path) -> None:

@@ -20,12 +20,21 @@ def test_fuzz_protocol_machines(tmp_path: Path) -> None:
     corpus.mkdir()  # the target puts its seeds in an empty corpus
     result = subprocess.run(
         [
-            sys.executable, "-m", "tests.fuzz.fuzz_protocol", str(corpus),
-            f"-max_total_time={seconds}", "-rss_limit_mb=2048", "-timeout=10",
-            f"-artifact_prefix={tmp_path}/", "-print_final_stats=1",
+            sys.executable,
+            "-m",
+            "tests.fuzz.fuzz_protocol",
+            str(corpus),
+            f"-max_total_time={seconds}",
+            "-rss_limit_mb=2048",
+            "-timeout=10",
+            f"-artifact_prefix={tmp_path}/",
+            "-print_final_stats=1",
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 90,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 90,
+    )
     tail = "\n".join(result.stderr.splitlines()[-60:])
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.name != "corpus")
     assert result.returncode == 0 and not crashes, f"fuzzer found {crashes}:\n{tail}"

@@ -44,12 +44,37 @@ def peer(request: pytest.FixtureRequest, images: Path, tmp_path: Path) -> Iterat
     socket = tmp_path / "peer.sock"
     image = str(images / "demo.erofs")
     if request.param == "nbdkit":
-        cmd = [require_tool("nbdkit"), "-f", "-r", "-U", str(socket), "--filter=exportname",
-               "file", image, "exportname=demo", "exportname-list=explicit",
-               "exportname-strict=true", "exportdesc=fixed:demo image"]  # fmt: skip
+        cmd = [
+            require_tool("nbdkit"),
+            "-f",
+            "-r",
+            "-U",
+            str(socket),
+            "--filter=exportname",
+            "file",
+            image,
+            "exportname=demo",
+            "exportname-list=explicit",
+            "exportname-strict=true",
+            "exportdesc=fixed:demo image",
+        ]
     else:
-        cmd = [require_tool("qemu-nbd"), "-r", "-k", str(socket), "-f", "raw", "-x", "demo",
-               "-D", "demo image", "-e", "4", "-t", image]  # fmt: skip
+        cmd = [
+            require_tool("qemu-nbd"),
+            "-r",
+            "-k",
+            str(socket),
+            "-f",
+            "raw",
+            "-x",
+            "demo",
+            "-D",
+            "demo image",
+            "-e",
+            "4",
+            "-t",
+            image,
+        ]
     process = _start(cmd, socket)
     yield socket
     _stop(process)

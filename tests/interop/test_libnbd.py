@@ -103,9 +103,13 @@ def test_nbdcopy_of_an_image_not_in_the_page_cache(
             evict(image)
             out = tmp_path / f"copy{attempt}"
             run(
-                nbdcopy, "--connections=4", "--requests=64", "--request-size=4096",
-                server.uri("cold"), str(out),
-            )  # fmt: skip
+                nbdcopy,
+                "--connections=4",
+                "--requests=64",
+                "--request-size=4096",
+                server.uri("cold"),
+                str(out),
+            )
             assert sha256(out) == sha256(image)
     finally:
         status = stop_server_process(server)
@@ -196,10 +200,16 @@ def test_signal_with_a_client_attached_exits_zero(images: Path, signum: str) -> 
 
     server = start_server_process(images, "--shutdown-grace", "5")
     client = subprocess.Popen(
-        ["/usr/bin/python3", "-c", "import nbd,sys,time; h=nbd.NBD(); h.connect_uri(sys.argv[1]);"
-         " h.pread(4096, 0); print('attached', flush=True); time.sleep(60)", server.uri("demo")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import nbd,sys,time; h=nbd.NBD(); h.connect_uri(sys.argv[1]);"
+            " h.pread(4096, 0); print('attached', flush=True); time.sleep(60)",
+            server.uri("demo"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "attached"

@@ -27,9 +27,15 @@ def test_qemu_img_info(served: RunningServer) -> None:
 @pytest.mark.parametrize("name", ["demo", "team/app-v2"])
 def test_qemu_img_compare(served: RunningServer, name: str) -> None:
     out = run(
-        require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw",
-        served.uri(name), str(served.root / f"{name}.erofs"),
-    ).stdout  # fmt: skip
+        require_tool("qemu-img"),
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        served.uri(name),
+        str(served.root / f"{name}.erofs"),
+    ).stdout
     assert "Images are identical" in out
 
 
@@ -44,10 +50,20 @@ def test_qemu_io_sees_a_read_only_export(served: RunningServer) -> None:
 
 def test_fio_random_reads(served: RunningServer) -> None:
     result = run(
-        require_tool("fio"), "--name=randread", "--ioengine=nbd", f"--uri={served.uri('demo')}",
-        "--rw=randread", "--bs=4k", "--iodepth=16", "--numjobs=2", "--runtime=3",
-        "--time_based", "--readonly", "--output-format=json", timeout=120,
-    )  # fmt: skip
+        require_tool("fio"),
+        "--name=randread",
+        "--ioengine=nbd",
+        f"--uri={served.uri('demo')}",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=16",
+        "--numjobs=2",
+        "--runtime=3",
+        "--time_based",
+        "--readonly",
+        "--output-format=json",
+        timeout=120,
+    )
     report = json.loads(result.stdout[result.stdout.index("{") :])
     jobs = report["jobs"]
     assert len(jobs) == 2

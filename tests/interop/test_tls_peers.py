@@ -115,9 +115,17 @@ def test_nbdcopy_over_each_tls13_suite(
     conf = tmp_path / "openssl.cnf"
     conf.write_text(OPENSSL_CONF.format(suite=suite))
     server = start_server_process(
-        images, "--tls", "require", "--tls-certificates", str(certs), "--tls-kernel", "off",
-        "--tls-seal", seal, env={"OPENSSL_CONF": str(conf)},
-    )  # fmt: skip
+        images,
+        "--tls",
+        "require",
+        "--tls-certificates",
+        str(certs),
+        "--tls-kernel",
+        "off",
+        "--tls-seal",
+        seal,
+        env={"OPENSSL_CONF": str(conf)},
+    )
     try:
         out = tmp_path / "copy"
         run(require_tool("nbdcopy"), nbds(server, "team/app-v2", certs / "clients/alice"), str(out))
@@ -135,10 +143,14 @@ def test_qemu_img_info_over_tls(tls_server: tuple[str, RunningServer], certs: Pa
     _, server = tls_server
     host, _, port = server.address.rpartition(":")
     result = run(
-        require_tool("qemu-img"), "info", "--output=json",
-        "--object", f"tls-creds-x509,id=tls0,dir={certs / 'clients/alice'},endpoint=client",
-        "--image-opts", f"driver=nbd,host={host},port={port},export=demo,tls-creds=tls0",
-    )  # fmt: skip
+        require_tool("qemu-img"),
+        "info",
+        "--output=json",
+        "--object",
+        f"tls-creds-x509,id=tls0,dir={certs / 'clients/alice'},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,host={host},port={port},export=demo,tls-creds=tls0",
+    )
     assert json.loads(result.stdout)["virtual-size"] == (server.root / "demo.erofs").stat().st_size
 
 
@@ -148,10 +160,21 @@ def nbdkit_tls(
 ) -> Iterator[Path]:
     sock = tmp_path / "nbdkit.sock"
     process = subprocess.Popen(
-        [require_tool("nbdkit"), "-f", "-r", "-U", str(sock), "--tls=require",
-         f"--tls-certificates={certs}", *request.param, "file", str(images / "demo.erofs")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            require_tool("nbdkit"),
+            "-f",
+            "-r",
+            "-U",
+            str(sock),
+            "--tls=require",
+            f"--tls-certificates={certs}",
+            *request.param,
+            "file",
+            str(images / "demo.erofs"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 30
     while not sock.exists():
         assert process.poll() is None, process.communicate()[1]

@@ -52,9 +52,14 @@ def cli(
 ) -> Result:
     """One of our console scripts, as a real process (as ``user``, with ``env`` added)."""
     proc = subprocess.run(
-        [str(BIN / name), *args], capture_output=True, text=True, timeout=timeout,
-        user=user, group=user, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        [str(BIN / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        user=user,
+        group=user,
+        env={**os.environ, **(env or {})},
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -170,6 +175,11 @@ def start_peer(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
 
 
 __all__ = [
-    "Result", "assert_nothing_left", "cli", "require_tool", "start_peer", "tree_digest",
+    "Result",
+    "assert_nothing_left",
+    "cli",
+    "require_tool",
+    "start_peer",
+    "tree_digest",
     "wait_state",
-]  # fmt: skip
+]

@@ -54,9 +54,14 @@ def test_attach_our_server_over_tls(
 ) -> None:
     uri = f"nbds://{tls_server.address}/demo"
     row = attach_and_check(
-        uri, mountpoint, source_tree, "--connections", str(connections),
-        "--tls-certificates", str(certs / "clients" / "alice"),
-    )  # fmt: skip
+        uri,
+        mountpoint,
+        source_tree,
+        "--connections",
+        str(connections),
+        "--tls-certificates",
+        str(certs / "clients" / "alice"),
+    )
     assert row["connections"] == connections
     assert row["tls"] is True
     assert "CN=alice" in tls_server.log_text()
@@ -77,8 +82,7 @@ def test_ioctl_fallback(
     uri = f"nbds://{tls_server.address}/demo" if tls else plain_server.uri("demo")
     extra = ["--tls-certificates", str(certs / "clients" / "alice")] if tls else []
     force = {"EROFS_NBD_FORCE_IOCTL": "1"}
-    result = cli("erofs-nbd-attach", uri, str(mountpoint), "--connections", "2", *extra,
-                 env=force)  # fmt: skip
+    result = cli("erofs-nbd-attach", uri, str(mountpoint), "--connections", "2", *extra, env=force)
     assert result.returncode == 0, result.stderr
     assert "failover is unavailable" in result.stderr
     listed = json.loads(cli("erofs-nbd-list", "--json").stdout)
@@ -94,9 +98,19 @@ def test_ioctl_fallback(
 
 def test_attach_nbdkit(images: Path, mountpoint: Path, source_tree: Path) -> None:
     nbdkit = start_peer(
-        [require_tool("nbdkit"), "-f", "-r", "-i", "127.0.0.1", "-p", "10901", "file",
-         str(images / "demo.erofs")], 10901,
-    )  # fmt: skip
+        [
+            require_tool("nbdkit"),
+            "-f",
+            "-r",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            "10901",
+            "file",
+            str(images / "demo.erofs"),
+        ],
+        10901,
+    )
     try:
         attach_and_check("nbd://127.0.0.1:10901/", mountpoint, source_tree, "--connections", "2")
     finally:
@@ -106,9 +120,24 @@ def test_attach_nbdkit(images: Path, mountpoint: Path, source_tree: Path) -> Non
 
 def test_attach_qemu_nbd(images: Path, mountpoint: Path, source_tree: Path) -> None:
     qemu = start_peer(
-        [require_tool("qemu-nbd"), "-r", "-b", "127.0.0.1", "-p", "10902", "-f", "raw",
-         "-x", "img", "-e", "4", "-t", str(images / "team" / "app-v2.erofs")], 10902,
-    )  # fmt: skip
+        [
+            require_tool("qemu-nbd"),
+            "-r",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            "10902",
+            "-f",
+            "raw",
+            "-x",
+            "img",
+            "-e",
+            "4",
+            "-t",
+            str(images / "team" / "app-v2.erofs"),
+        ],
+        10902,
+    )
     try:
         attach_and_check("nbd://127.0.0.1:10902/img", mountpoint, source_tree)
     finally:

@@ -148,9 +148,13 @@ def restart_while_reading(
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_server_restart(
-    images: Path, source_tree: Path, certs: Path, mountpoint: Path,
-    servers: list[RunningServer], mode: str,
-) -> None:  # fmt: skip
+    images: Path,
+    source_tree: Path,
+    certs: Path,
+    mountpoint: Path,
+    servers: list[RunningServer],
+    mode: str,
+) -> None:
     tls = mode.startswith("tls")
     servers.append(_serve(images, certs, tls, PORT_A))
     index = attach(mountpoint, *_server_arg(tls, certs, PORT_A), *MODES[mode])
@@ -166,9 +170,12 @@ def test_server_restart(
 
 
 def test_failover_to_a_second_server(
-    images: Path, source_tree: Path, certs: Path, mountpoint: Path,
+    images: Path,
+    source_tree: Path,
+    certs: Path,
+    mountpoint: Path,
     servers: list[RunningServer],
-) -> None:  # fmt: skip
+) -> None:
     servers.append(_serve(images, certs, False, PORT_A))
     servers.append(_serve(images, certs, False, PORT_B))
     index = attach(mountpoint, f"127.0.0.1:{PORT_A},127.0.0.1:{PORT_B}")
@@ -185,9 +192,13 @@ def test_failover_to_a_second_server(
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_reattach_then_restart(
-    images: Path, source_tree: Path, certs: Path, mountpoint: Path,
-    servers: list[RunningServer], mode: str,
-) -> None:  # fmt: skip
+    images: Path,
+    source_tree: Path,
+    certs: Path,
+    mountpoint: Path,
+    servers: list[RunningServer],
+    mode: str,
+) -> None:
     tls = mode.startswith("tls")
     servers.append(_serve(images, certs, tls, PORT_A))
     index = attach(mountpoint, *_server_arg(tls, certs, PORT_A), *MODES[mode])
@@ -206,9 +217,12 @@ def test_reattach_then_restart(
 
 
 def test_a_different_image_is_refused(
-    images: Path, source_tree: Path, mountpoint: Path, tmp_path: Path,
+    images: Path,
+    source_tree: Path,
+    mountpoint: Path,
+    tmp_path: Path,
     servers: list[RunningServer],
-) -> None:  # fmt: skip
+) -> None:
     other = tmp_path / "other"
     other.mkdir()
     mkfs(other / "demo.erofs", source_tree)  # same files, but a new image (new UUID)

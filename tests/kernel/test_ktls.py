@@ -39,9 +39,15 @@ def big_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _serve(root: Path, certs: Path, *extra: str) -> RunningServer:
     return start_server_process(
-        root, "--tls", "require", "--tls-certificates", str(certs), "--reply-timeout", "20",
+        root,
+        "--tls",
+        "require",
+        "--tls-certificates",
+        str(certs),
+        "--reply-timeout",
+        "20",
         *extra,
-    )  # fmt: skip
+    )
 
 
 def _stop(server: RunningServer) -> str:
@@ -59,8 +65,10 @@ def _nbdcopy(server: RunningServer, certs: Path, out: Path) -> None:
     uri = f"nbds://{server.address}/big?tls-certificates={certs / 'clients' / 'alice'}"
     subprocess.run(
         [require_tool("nbdcopy"), "--connections=4", uri, str(out)],
-        check=True, timeout=300, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
 
 
 def test_libnbd_reads_what_the_kernel_encrypts(

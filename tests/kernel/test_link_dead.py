@@ -43,9 +43,14 @@ def _new_socket(export: str) -> socket.socket:
 def test_link_dead_then_reconfigure(images: Path, source_tree: Path, mountpoint: Path) -> None:
     server = start_server_process(images, listen=f"127.0.0.1:{PORT}")
     attached = cli(
-        "erofs-nbd-attach", f"127.0.0.1:{PORT}", str(mountpoint), "--export", "demo",
-        "--dead-timeout", "120",
-    )  # fmt: skip
+        "erofs-nbd-attach",
+        f"127.0.0.1:{PORT}",
+        str(mountpoint),
+        "--export",
+        "demo",
+        "--dead-timeout",
+        "120",
+    )
     assert attached.returncode == 0, attached.stderr
     index = devices.device_at(str(mountpoint))
     assert index is not None

@@ -284,15 +284,25 @@ def good_server_replies(structured: bool) -> bytes:
     """Replies to what drive_client_transmission asks, in several of the shapes allowed."""
     if not structured:
         return (
-            wire.simple_reply(1) + b"a" * 512 + wire.simple_reply(2) + b"b" * 1024
-            + wire.simple_reply(3, Errno.EIO) + wire.simple_reply(4) + b"d" * 2048
-        )  # fmt: skip
+            wire.simple_reply(1)
+            + b"a" * 512
+            + wire.simple_reply(2)
+            + b"b" * 1024
+            + wire.simple_reply(3, Errno.EIO)
+            + wire.simple_reply(4)
+            + b"d" * 2048
+        )
     error_at = struct.pack(">IH", Errno.EIO, 3) + b"bad" + struct.pack(">Q", 1600)
     return (
-        wire.offset_data_header(1, 0, 512, done=True) + b"a" * 512
-        + wire.chunk(2, ReplyType.OFFSET_HOLE, 12, done=False) + struct.pack(">QI", 512, 256)
-        + wire.offset_data_header(2, 768, 768, done=False) + b"b" * 768 + wire.done_chunk(2)
+        wire.offset_data_header(1, 0, 512, done=True)
+        + b"a" * 512
+        + wire.chunk(2, ReplyType.OFFSET_HOLE, 12, done=False)
+        + struct.pack(">QI", 512, 256)
+        + wire.offset_data_header(2, 768, 768, done=False)
+        + b"b" * 768
+        + wire.done_chunk(2)
         + wire.error_chunk(3, Errno.EIO, b"disk on fire")
-        + wire.chunk(4, ReplyType.ERROR_OFFSET, len(error_at), done=True) + error_at
+        + wire.chunk(4, ReplyType.ERROR_OFFSET, len(error_at), done=True)
+        + error_at
         + wire.block_status_chunk(5, 1, [(4096, 0), (4096, 3)], done=True)
-    )  # fmt: skip
+    )

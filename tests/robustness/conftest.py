@@ -22,13 +22,11 @@ from erofs_nbdd.protocol import (
     ClientHandshake,
     ClientTransmission,
     Cmd,
-    State,
-)
-from erofs_nbdd.protocol.events import (
     ExportNameReply,
     OptionAck,
     OptionError,
     ReplyEvent,
+    State,
 )
 
 from ..conftest import require_tool
@@ -36,17 +34,27 @@ from ..interop.conftest import RunningServer, start_server_process, stop_server_
 
 #: Low limits, so each limit is hit within a test's time; 1,100 connections for the flood.
 HOSTILE_ARGS = (
-    "--handshake-timeout", "3", "--reply-timeout", "3", "--max-connections", "1100",
-    "--max-connections-per-client", "1100", "--max-connection-buffer", str(16 << 20),
-    "--max-server-buffer", str(64 << 20),
-)  # fmt: skip
+    "--handshake-timeout",
+    "3",
+    "--reply-timeout",
+    "3",
+    "--max-connections",
+    "1100",
+    "--max-connections-per-client",
+    "1100",
+    "--max-connection-buffer",
+    str(16 << 20),
+    "--max-server-buffer",
+    str(64 << 20),
+)
 
 
 def log_problems(text: str) -> list[str]:
     return [
-        line for line in text.splitlines()
+        line
+        for line in text.splitlines()
         if "Traceback" in line or "internal error" in line or " ERROR " in line
-    ]  # fmt: skip
+    ]
 
 
 def assert_serves(

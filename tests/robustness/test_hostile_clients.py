@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from erofs_nbdd.protocol import Cmd, Errno, Opt, Rep
-from erofs_nbdd.protocol.events import OptionError
+from erofs_nbdd.protocol import Cmd, Errno, Opt, OptionError, Rep
 
 from .conftest import RawClient
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_nbdd.protocol import Errno, Opt, Rep
-from erofs_nbdd.protocol.events import OptionAck, OptionError
+from erofs_nbdd.protocol import Errno, Opt, OptionAck, OptionError, Rep
 
 from ..interop.conftest import RunningServer, start_server_process, stop_server_process
 from .conftest import RawClient, assert_serves, log_problems
@@ -125,9 +124,12 @@ def test_tls_downgrade_attempts_in_require_mode(
     own_server: Callable[..., RunningServer], raw: Raw, made_certs: Path
 ) -> None:
     server = own_server(
-        "--tls", "require", "--tls-certificates", str(made_certs),
+        "--tls",
+        "require",
+        "--tls-certificates",
+        str(made_certs),
         tls_dir=made_certs / "clients" / "alice",
-    )  # fmt: skip
+    )
     client = raw(server.address)
     client.start()
     # Every option but STARTTLS and ABORT is refused before TLS.

@@ -46,7 +46,8 @@ def no_server_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     with its traceback at that level)."""
     yield
     errors = [
-        r for r in caplog.get_records("call")
+        r
+        for r in caplog.get_records("call")
         if r.name.startswith("erofs_nbdd") and r.levelno >= logging.ERROR
-    ]  # fmt: skip
+    ]
     assert not errors, "\n".join(caplog.text.splitlines()[-40:])

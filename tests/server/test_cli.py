@@ -100,9 +100,19 @@ def test_limits_reach_the_config(tmp_path: Path) -> None:
     from erofs_nbdd.cli import _config, build_parser
 
     args = build_parser().parse_args(
-        ["serve", str(tmp_path), "--idle-timeout", "30", "--max-connections-per-client", "0",
-         "--reply-timeout", "5", "--max-connection-buffer", "1048576"]
-    )  # fmt: skip
+        [
+            "serve",
+            str(tmp_path),
+            "--idle-timeout",
+            "30",
+            "--max-connections-per-client",
+            "0",
+            "--reply-timeout",
+            "5",
+            "--max-connection-buffer",
+            "1048576",
+        ]
+    )
     limits = _config(args).limits
     assert (limits.idle_timeout, limits.max_connections_per_client) == (30, 0)
     assert (limits.reply_timeout, limits.max_connection_buffer) == (5, 1 << 20)

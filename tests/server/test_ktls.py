@@ -16,12 +16,12 @@ import trio
 
 from erofs_nbd_client.negotiate import Session, negotiate
 from erofs_nbdd.cli import _config, build_parser
-from erofs_nbdd.config import Limits
+from erofs_nbdd.config import Limits, TLSConfig, TLSMode
 from erofs_nbdd.protocol import Cmd
 from erofs_nbdd.ranges import FileRange, ImageUnreadable
 from erofs_nbdd.server.listener import Server
 from erofs_nbdd.transport import ktls
-from erofs_nbdd.transport.contexts import TLSConfig, TLSMode, client_context
+from erofs_nbdd.transport.contexts import client_context
 from erofs_nbdd.transport.ktls import KernelTLSTransport
 from erofs_nbdd.transport.slices import SEND_SLICE, file_slices
 

@@ -17,10 +17,10 @@ from erofs_nbdd.protocol import (
     CmdFlag,
     Errno,
     Rep,
+    SimpleReply,
     StateFlag,
     TransmissionFlag,
 )
-from erofs_nbdd.protocol.events import SimpleReply
 
 from .helpers import read_all, start_server
 

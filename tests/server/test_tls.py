@@ -12,19 +12,12 @@ import trio.testing
 import trustme
 
 from erofs_nbd_client.negotiate import Handshake, NegotiationError, negotiate
-from erofs_nbdd.config import ServerConfig
+from erofs_nbdd.config import ServerConfig, TLSConfig, TLSMode, parse_allow
 from erofs_nbdd.protocol import Opt, Rep, TransmissionFlag, wire
 from erofs_nbdd.server.connection import Connection
 from erofs_nbdd.server.listener import Server
 from erofs_nbdd.storage.exports import ExportDirectory
-from erofs_nbdd.transport.contexts import (
-    TLSConfig,
-    TLSMode,
-    TLSSetupError,
-    client_context,
-    parse_allow,
-    server_context,
-)
+from erofs_nbdd.transport.contexts import TLSSetupError, client_context, server_context
 from erofs_nbdd.transport.stream import StreamTransport
 
 from .helpers import read_all
@@ -232,9 +225,11 @@ async def test_verify_peer(
     _, address = running
     with pytest.raises(NegotiationError, match="require a client certificate"):
         await negotiate(
-            await connect(address), "demo", tls=client_context(pki.anonymous),
+            await connect(address),
+            "demo",
+            tls=client_context(pki.anonymous),
             server_hostname="localhost",
-        )  # fmt: skip
+        )
     _details, session = await negotiate(
         await connect(address), "demo", tls=client_context(pki.alice), server_hostname="localhost"
     )

@@ -18,13 +18,14 @@ import pytest
 import trio
 
 from erofs_nbd_client.negotiate import negotiate
+from erofs_nbdd.config import TLSConfig, TLSMode
 from erofs_nbdd.ranges import FileRange, ImageUnreadable
 from erofs_nbdd.server.transmit import FILE_REPLY_MIN
 from erofs_nbdd.storage import pagecache
 from erofs_nbdd.storage.exports import ExportDirectory
 from erofs_nbdd.storage.file import FileBackend
 from erofs_nbdd.storage.pagecache import PAGE, PageCache
-from erofs_nbdd.transport.contexts import TLSConfig, TLSMode, client_context
+from erofs_nbdd.transport.contexts import client_context
 from erofs_nbdd.transport.plain import PlainTransport
 
 from ..conftest import evict, random_image

@@ -42,10 +42,13 @@ def run_quiet(cmd: list[str], **kw: object) -> None:
 
 def ensure_host_packages() -> None:
     missing = [
-        p for p in HOST_PACKAGES
-        if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
-                          text=True).stdout.find("ok installed") < 0
-    ]  # fmt: skip
+        p
+        for p in HOST_PACKAGES
+        if subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True
+        ).stdout.find("ok installed")
+        < 0
+    ]
     if missing:
         log(f"installing {' '.join(missing)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -143,8 +146,11 @@ def build_initramfs(moddir: Path) -> Path:
         with open(image.with_suffix(".tmp"), "wb") as out:
             subprocess.run(
                 ["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"],
-                cwd=root, input=files, stdout=out, check=True,
-            )  # fmt: skip
+                cwd=root,
+                input=files,
+                stdout=out,
+                check=True,
+            )
         image.with_suffix(".tmp").rename(image)
     return image
 
@@ -169,25 +175,57 @@ def run(command: list[str], *, timeout: float, memory: int, cpus: int) -> int:
         f"vmrun.rundir={rundir} vmrun.moddir={moddir}"
     )
     qemu = [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-machine", "pc",
-        "-smp", str(cpus), "-m", str(memory), "-nodefaults", "-no-user-config", "-nographic",
-        "-no-reboot", "-display", "none", "-monitor", "none",
-        "-kernel", str(vmlinuz), "-initrd", str(initramfs), "-append", append,
-        "-serial", f"file:{rundir / 'console.log'}",
-        "-device", "virtio-serial-pci,id=vser",
-        "-chardev", f"file,id=out,path=/proc/self/fd/{write_end}",
-        "-device", "virtserialport,chardev=out,name=vmrun.out,bus=vser.0",
-        "-chardev", f"file,id=rc,path={rundir / 'rc'}",
-        "-device", "virtserialport,chardev=rc,name=vmrun.rc,bus=vser.0",
-        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-    ]  # fmt: skip
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-machine",
+        "pc",
+        "-smp",
+        str(cpus),
+        "-m",
+        str(memory),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-kernel",
+        str(vmlinuz),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        append,
+        "-serial",
+        f"file:{rundir / 'console.log'}",
+        "-device",
+        "virtio-serial-pci,id=vser",
+        "-chardev",
+        f"file,id=out,path=/proc/self/fd/{write_end}",
+        "-device",
+        "virtserialport,chardev=out,name=vmrun.out,bus=vser.0",
+        "-chardev",
+        f"file,id=rc,path={rundir / 'rc'}",
+        "-device",
+        "virtserialport,chardev=rc,name=vmrun.rc,bus=vser.0",
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+    ]
     if os.environ.get("VMRUN_DEBUG"):
         log(shlex.join(qemu))
     process = subprocess.Popen(
-        qemu, pass_fds=(write_end,), stdin=subprocess.DEVNULL, start_new_session=True,
+        qemu,
+        pass_fds=(write_end,),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
         preexec_fn=_die_with_parent,
-    )  # fmt: skip
+    )
     os.close(write_end)
 
     def copy_output() -> None:  # our own pipe: qemu writing to our stdout could clobber it
