@@ -41,6 +41,7 @@ from ..protocol import (
 from ..storage.file import FileBackendFactory
 from ..transport.contexts import peer_common_name, peer_subject
 from ..transport.sealing import Sealing
+from ..transport.starttls import server_tls
 from .budget import ByteBudget
 from .outcome import ClientGone, LimitExceeded, Refused, Stats
 from .transmit import CONTEXT_ID, Transmitter
@@ -223,10 +224,7 @@ class Connection:
         await self._send(hs.send_ack())
         hs.start_tls()  # plaintext that came after STARTTLS is an injection: dropped here
         sealing = Sealing(self._keys) if self._keys is not None else None
-        try:
-            tls = self.transport.start_tls(self.ssl_context, sealing)
-        except OSError as exc:  # no descriptor to spare
-            raise Refused(f"TLS could not start: {exc}") from exc
+        tls = server_tls(self.transport, self.ssl_context, sealing)
         self._stack.push_async_callback(tls.aclose)
         self.transport = tls
         try:

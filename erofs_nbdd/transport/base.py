@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    import ssl
+    import socket
     from collections.abc import Iterator
 
     from ..ranges import FileRange
-    from .sealing import Sealing
 
 
 @dataclass(frozen=True)
@@ -78,13 +77,10 @@ class Transport(trio.abc.Stream):
     def peer_certificate(self) -> dict[str, object] | None:
         return None
 
-    def start_tls(self, context: ssl.SSLContext, sealing: Sealing | None) -> SecureTransport:
-        """The server side of TLS over this transport, not yet handshaken: in this process,
-        with ``sealing`` if given. The caller owns what is returned (closing it closes this
-        transport too)."""
-        from .tls import TLSTransport
-
-        return TLSTransport(self, context, server_side=True, sealing=sealing)
+    def raw_socket(self) -> socket.socket | None:
+        """The socket itself, where this transport writes it directly: OpenSSL may then
+        drive it and hand its keys to the kernel (kernel TLS). None for the others."""
+        return None
 
 
 class SecureTransport(Transport):
@@ -93,6 +89,3 @@ class SecureTransport(Transport):
     @abstractmethod
     async def do_handshake(self) -> None:
         """``trio.BrokenResourceError`` if the peer or its certificate fails it."""
-
-    def start_tls(self, context: ssl.SSLContext, sealing: Sealing | None) -> SecureTransport:
-        raise RuntimeError("TLS is already active on this transport")

@@ -20,15 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..config import DEFAULT_CERT_DAYS
-
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
-DEFAULT_DAYS = DEFAULT_CERT_DAYS
 CA_DAYS = 3650
 
 
@@ -168,7 +165,7 @@ def make_certificates(
     hosts: Sequence[str] = (),
     clients: Sequence[str] = (),
     force: bool = False,
-    days: int = DEFAULT_DAYS,
+    days: int,
 ) -> list[Written]:
     """Create what is missing (everything, with ``force``); return what was written or kept."""
     cert_dir.mkdir(parents=True, exist_ok=True)

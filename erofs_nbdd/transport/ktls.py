@@ -32,7 +32,7 @@ from .tls import TLSSession
 
 if TYPE_CHECKING:
     from ..ranges import FileRange
-    from .plain import PlainTransport
+    from .base import Transport
 
 #: ``SSL_OP_ENABLE_KTLS`` (``ssl.OP_ENABLE_KTLS`` from Python 3.12 on).
 OP_ENABLE_KTLS = 1 << 3
@@ -73,16 +73,20 @@ class KernelTLSTransport(TLSSession, SecureTransport):
     """TLS on a socket OpenSSL drives itself, so it can hand the keys to the kernel.
 
     With the kernel encrypting, sends go straight through the plaintext transport below
-    (``send_all``, ``send_file``: sendfile from the page cache), with its policy. Otherwise
+    (``send_all``, ``send_file``: sendfile from the page cache), with its policy; that
+    transport must write its socket itself (``raw_socket``). Otherwise
     they go through ``SSL_write`` on the same socket, bounded by the same reply timeout.
     Receives always go through OpenSSL, on a duplicate of the descriptor, which this
     transport owns; closing it closes ``inner`` too.
     """
 
-    def __init__(self, inner: PlainTransport, context: ssl.SSLContext) -> None:
+    def __init__(self, inner: Transport, context: ssl.SSLContext) -> None:
+        sock = inner.raw_socket()
+        if sock is None:
+            raise ValueError("kernel TLS needs a transport that writes its socket itself")
         self.inner = inner
         self.policy = inner.policy
-        dup = socket.socket(fileno=os.dup(inner.socket.fileno()))
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
         dup.setblocking(False)
         try:
             self._session: ssl.SSLSocket = context.wrap_socket(
@@ -172,7 +176,7 @@ class KernelTLSTransport(TLSSession, SecureTransport):
                 await self._write(piece)
 
     async def send_file(self, head: bytes | bytearray, file: FileRange) -> None:
-        """As ``PlainTransport.send_file``: by the kernel from the page cache when it
+        """As the plain transport's ``send_file``: by the kernel from the page cache when it
         encrypts, else read here a slice at a time and sent through OpenSSL."""
         self._check_open()
         if self.kernel:

@@ -11,7 +11,6 @@ exists only while it is blocked.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -19,17 +18,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..ranges import ImageUnreadable
-from .base import Policy, SecureTransport, Transport, reply_deadline
+from .base import Policy, Transport, reply_deadline
 from .lock import FastLock
 
 if TYPE_CHECKING:
     import socket
-    import ssl
 
     from ..ranges import FileRange
-    from .sealing import Sealing
-
-log = logging.getLogger("erofs_nbdd.transport")
 
 YIELD_EVERY = 16
 RECEIVE_SIZE = 65536
@@ -138,17 +133,8 @@ class PlainTransport(Transport):
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.wait_writable(self._fd)
 
-    def start_tls(self, context: ssl.SSLContext, sealing: Sealing | None) -> SecureTransport:
-        """Kernel TLS where the context lets OpenSSL hand the keys to the kernel (see
-        ktls.py), else TLS in this process."""
-        from . import ktls
-
-        if ktls.enabled(context):
-            try:
-                return ktls.KernelTLSTransport(self, context)
-            except OSError as exc:  # no descriptor to spare: TLS in this process
-                log.warning("kernel TLS not used: %s", exc)
-        return super().start_tls(context, sealing)
+    def raw_socket(self) -> socket.socket:
+        return self.socket
 
     async def aclose(self) -> None:
         self._fd = -1
