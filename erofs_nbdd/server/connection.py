@@ -112,8 +112,10 @@ class Connection:
 
     def stop(self) -> None:
         """Server shutdown: end a handshake at once; in transmission, read no more requests
-        but let those in flight finish (the server bounds how long)."""
-        self.stats.ended = "server shutdown"
+        but let those in flight finish (the server bounds how long). A connection whose
+        ending is already known (a DISC read while it closes what it opened) keeps it."""
+        if self.stats.ended == "closed":
+            self.stats.ended = "server shutdown"
         self._stopping = True
         self._handshake_scope.cancel()
         if self._tx is not None:

@@ -142,9 +142,11 @@ class Transmitter:
 
     async def _receive(self) -> bytes | bytearray | None:
         """Bytes of further requests; None once the server is stopping. Only this wait is
-        ever cancelled by a shutdown, never a reply being written."""
+        ever cancelled by a shutdown, never a reply being written. What has already arrived
+        when it stops is still read (a DISC sent just before, say); the grace period bounds
+        a client that keeps sending."""
         if self._stopping:
-            return None
+            return self.transport.receive_nowait(RECEIVE_SIZE) or None
         waiting = self.in_flight > 0
         # No spin while a read waits for storage: the spin would delay its result (on a
         # thread, it kept the GIL from it: cold 4 KiB reads at QD1 took 450 us, not 380).
@@ -159,7 +161,7 @@ class Transmitter:
             with trio.move_on_after(idle):
                 return await self.transport.receive_some(RECEIVE_SIZE)
             raise LimitExceeded(f"no request for {idle:g} s (idle timeout)")
-        return None
+        return self.transport.receive_nowait(RECEIVE_SIZE) or None  # stopped while waiting
 
     def _read_cached(self, req: Request) -> bytes | bytearray | None:
         """The whole reply to a READ the page cache holds, or None if it must wait."""

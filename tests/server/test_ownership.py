@@ -15,8 +15,9 @@ import pytest
 import trio
 import trio.testing
 
+from erofs_nbd_client.negotiate import negotiate
 from erofs_nbdd.config import Limits, ServerConfig
-from erofs_nbdd.protocol import NEED_DATA, ClientHandshake
+from erofs_nbdd.protocol import NEED_DATA, ClientHandshake, Cmd, wire
 from erofs_nbdd.server import Server
 from erofs_nbdd.server.connection import Connection
 from erofs_nbdd.storage.exports import ExportDirectory
@@ -125,3 +126,24 @@ async def test_shutdown_with_connections_mid_handshake_closes_everything(images:
     assert not factory.opened
     assert not server.connections
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_disconnect_that_came_with_the_shutdown_is_still_read(
+    images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's NBD_CMD_DISC already in the socket when the server stops is read, not
+    cut off: the connection ends as the client ended it."""
+    config = ServerConfig(root=images, listen=("127.0.0.1:0",))
+    server = Server(config)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            (address,) = await nursery.start(server.run)
+            host, _, port = address.rpartition(":")
+            stream = await trio.open_tcp_stream(host, int(port))
+            await negotiate(stream, "demo")
+            await trio.testing.wait_all_tasks_blocked()  # the server waits for a request
+            # the DISC, and the shutdown before the server runs again
+            os.write(stream.socket.fileno(), wire.request(Cmd.DISC, 0, 0, 0))
+            server.shutdown()
+        await trio.aclose_forcefully(stream)
+    assert "ended=disconnect" in caplog.text, caplog.text
