@@ -57,29 +57,32 @@ class PlainTransport(Transport):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
         await self._maybe_yield()
+        view = memoryview(data)
         if not self._send_lock.locked():  # nobody mid-send: one write usually does it all
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            if sent == len(data):
+            sent = self._write_nowait(view)
+            if sent == len(view):
                 return
-            data = memoryview(data)[sent:]
+            view = view[sent:]
         async with self._send_lock:  # taken at once if it was free above: nothing between
-            await self._write(data)
+            await self._write(view)
+
+    def _write_nowait(self, view: memoryview) -> int:
+        """What one write takes of ``view`` now (0 if the socket is full)."""
+        try:
+            return os.write(self._fd, view)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
     async def _write(self, data: bytes | bytearray | memoryview) -> None:
         with memoryview(data) as view:
             sent = 0
             while sent < len(view):
-                try:
-                    sent += os.write(self._fd, view[sent:])
-                except BlockingIOError:
+                n = self._write_nowait(view[sent:])
+                if not n:
                     await self._wait_writable()
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+                sent += n
 
     async def _wait_writable(self) -> None:
         with reply_deadline(self.policy):
