@@ -73,6 +73,12 @@ LIMIT_FLAGS = (
     ),
     ("--max-server-buffer", "max_server_buffer", "bytes of replies all connections may hold"),
     (
+        "--max-client-buffer",
+        "max_client_buffer",
+        "bytes of replies the connections of one IP address may hold; 0: a quarter of "
+        "--max-server-buffer",
+    ),
+    (
         "--shutdown-grace",
         "shutdown_grace",
         "seconds in-flight requests get to finish after SIGINT/SIGTERM",

@@ -94,6 +94,9 @@ class Limits:
     max_connection_buffer: int = 64 * 1024 * 1024
     #: Bytes of read replies all connections together may hold in memory at once.
     max_server_buffer: int = 512 * 1024 * 1024
+    #: Bytes of that one client address may hold, over all its connections (0: a quarter of
+    #: max_server_buffer). The last eighth is kept for addresses that hold nothing.
+    max_client_buffer: int = 0
     #: Largest READ; also advertised as the maximum block size.
     max_payload: int = DEFAULT_MAX_PAYLOAD
     #: Seconds in-flight requests get to finish after SIGINT/SIGTERM.

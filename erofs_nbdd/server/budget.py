@@ -40,3 +40,91 @@ class ByteBudget:
         self.free += self.clamp(n)
         self._changed.set()
         self._changed = trio.Event()
+
+
+class Pool:
+    """The server-wide budget, shared out by client address.
+
+    One address may hold at most ``per_client`` bytes, whatever its number of connections,
+    and the last ``reserve`` bytes go only to an address that holds nothing: connections
+    that ask for reads and never read the replies hold what they took until the reply
+    timeout drops them, and meanwhile neither one address nor several together can take
+    what a newcomer needs for its first read.
+    """
+
+    def __init__(self, total: int, *, per_client: int = 0, reserve: int | None = None) -> None:
+        if total < 1:
+            raise ValueError("a byte budget must be at least 1 byte")
+        self.total = total
+        self.free = total
+        self.per_client = min(per_client or total // 4 or 1, total)
+        self.reserve = min(total // 8 if reserve is None else reserve, total - self.per_client)
+        self._changed = trio.Event()
+        self._shares: dict[str, Share] = {}
+
+    def join(self, address: str) -> Share:
+        """The share of ``address``, for one more of its connections."""
+        share = self._shares.get(address)
+        if share is None:
+            share = self._shares[address] = Share(self, address)
+        share.connections += 1
+        return share
+
+    def leave(self, share: Share) -> None:
+        share.connections -= 1
+        if share.connections == 0 and share.held == 0:
+            del self._shares[share.address]
+
+    def connections(self, address: str) -> int:
+        share = self._shares.get(address)
+        return share.connections if share is not None else 0
+
+    def busiest(self) -> Share | None:
+        """The address with the most connections."""
+        return max(self._shares.values(), key=lambda s: s.connections, default=None)
+
+    def _fits(self, share: Share, n: int) -> bool:
+        if share.held + n > self.per_client:
+            return False
+        keep = self.reserve if share.held else 0
+        return self.free - n >= keep
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class Share:
+    """One client address's part of a ``Pool``: what its connections hold together."""
+
+    def __init__(self, pool: Pool, address: str) -> None:
+        self.pool = pool
+        self.address = address
+        self.connections = 0
+        self.held = 0
+
+    def clamp(self, n: int) -> int:
+        """A request bigger than a whole share waits for all of it, not forever."""
+        return min(n, self.pool.per_client)
+
+    def try_acquire(self, n: int) -> bool:
+        n = self.clamp(n)
+        pool = self.pool
+        if not pool._fits(self, n):
+            return False
+        pool.free -= n
+        self.held += n
+        return True
+
+    async def acquire(self, n: int) -> None:
+        while not self.try_acquire(n):
+            await self.pool._changed.wait()
+
+    def release(self, n: int) -> None:
+        n = self.clamp(n)
+        pool = self.pool
+        pool.free += n
+        self.held -= n
+        if self.connections == 0 and self.held == 0:
+            pool._shares.pop(self.address, None)
+        pool._changed_now()

@@ -42,7 +42,7 @@ from ..storage.file import FileBackendFactory
 from ..transport.contexts import peer_common_name, peer_subject
 from ..transport.sealing import Sealing
 from ..transport.starttls import server_tls
-from .budget import ByteBudget
+from .budget import Pool
 from .outcome import ClientGone, LimitExceeded, Refused, Stats
 from .transmit import CONTEXT_ID, Transmitter
 
@@ -54,10 +54,13 @@ if TYPE_CHECKING:
     from ..storage.exports import Export, ExportDirectory
     from ..transport.base import Transport
     from ..transport.keylog import KeyLog
+    from .budget import Share
 
 log = logging.getLogger("erofs_nbdd.connection")
 
 RECEIVE_SIZE = 256 * 1024
+#: Options about one listed export that do not count against max_options.
+LISTED_FREE = 2
 BASE_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
@@ -75,7 +78,7 @@ class Connection:
         exports: ExportDirectory,
         ssl_context: ssl.SSLContext | None = None,
         *,
-        server_budget: ByteBudget | None = None,
+        share: Share | None = None,
         keys: KeyLog | None = None,
         backends: BackendFactory | None = None,
     ) -> None:
@@ -99,8 +102,21 @@ class Connection:
         self._export: Export | None = None
         self._options = 0
         self._option_budget = config.limits.max_options
-        self._server_budget = server_budget or ByteBudget(config.limits.max_server_buffer)
+        #: After the first LIST: the questions each listed export may still get for free.
+        self._listed: dict[str, int] | None = None
+        #: This client address's part of the server-wide reply budget.
+        self._share = share or Pool(
+            config.limits.max_server_buffer, per_client=config.limits.max_client_buffer
+        ).join(peer)
         self._tx: Transmitter | None = None
+        #: Why the server closed this connection to make room for another, once it has.
+        self.evicted: str | None = None
+        self._scope = trio.CancelScope()
+
+    @property
+    def address(self) -> str:
+        """The client's address, as the server counts connections and bytes by it."""
+        return self._share.address
 
     async def _send(self, data: bytes | bytearray) -> None:
         await self.transport.send_all(data)
@@ -121,15 +137,24 @@ class Connection:
         if self._tx is not None:
             self._tx.stop()
 
+    def evict(self, reason: str) -> None:
+        """Close this connection now (the server needs its place): ``run`` raises
+        ``LimitExceeded`` with ``reason`` once what it opened is closed."""
+        self.evicted = reason
+        self._scope.cancel()
+
     async def run(self) -> None:
         """The whole connection; everything it opened is closed when this returns."""
-        async with self._stack:
-            done = False
-            with self._handshake_scope, trio.fail_after(self.limits.handshake_timeout):
-                await self._send(self.handshake.greeting())
-                done = await self._negotiate()
-            if done:
-                await self._transmit()
+        with self._scope:
+            async with self._stack:
+                done = False
+                with self._handshake_scope, trio.fail_after(self.limits.handshake_timeout):
+                    await self._send(self.handshake.greeting())
+                    done = await self._negotiate()
+                if done:
+                    await self._transmit()
+        if self.evicted is not None:
+            raise LimitExceeded(f"closed to make room: {self.evicted}")
 
     async def _negotiate(self) -> bool:
         """Run the handshake; True when transmission starts, False when the client left."""
@@ -145,13 +170,27 @@ class Connection:
                 continue
             if isinstance(event, ClientFlags):
                 continue
-            self._options += 1
-            if self._options > self._option_budget:
-                raise LimitExceeded(f"more than {self._option_budget} options before GO")
+            if not self._listed_free(event):
+                self._options += 1
+                if self._options > self._option_budget:
+                    raise LimitExceeded(f"more than {self._option_budget} options before GO")
             await self._answer(event)
         if hs.state is State.CLOSED:
             self.stats.ended = "abort"
             return False
+        return True
+
+    def _listed_free(self, event: OptionEvent) -> bool:
+        """Whether ``event`` is one of the two questions about an export this connection's
+        first LIST named that cost no option (``nbdinfo --list`` asks INFO and
+        LIST_META_CONTEXT of each). Later LISTs add nothing: the budget only goes down, so
+        a connection gets at most max_options + 2 per export answered."""
+        if self._listed is None or not isinstance(event, InfoOption | MetaContextOption):
+            return False
+        left = self._listed.get(event.name, 0)
+        if left <= 0:
+            return False
+        self._listed[event.name] = left - 1
         return True
 
     def _allowed_before_tls(self, event: OptionEvent) -> bool:
@@ -175,7 +214,8 @@ class Connection:
             await self._send(hs.send_ack())
         elif isinstance(event, ListOption):
             exports = [e for e in (await self._scan()).values() if self._refusal(e) is None]
-            self._option_budget += 2 * len(exports)
+            if self._listed is None:
+                self._listed = {e.name: LISTED_FREE for e in exports}
             parts = [hs.send_server(e.name, e.description) for e in exports]
             await self._send(b"".join([*parts, hs.send_ack()]))
         elif isinstance(event, StartTLSOption):
@@ -332,7 +372,7 @@ class Connection:
             backend=self._backend,
             tx=self.handshake.transmission(export),
             limits=self.limits,
-            server_budget=self._server_budget,
+            share=self._share,
             stats=self.stats,
             peer=self.peer,
             verbose=self.config.verbose,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import select
@@ -18,13 +17,13 @@ from ..storage import uring
 from ..storage.exports import ExportDirectory
 from ..storage.file import FileBackendFactory
 from ..transport import ktls
-from ..transport.base import Policy, ReplyTimeout
+from ..transport.base import Policy
 from ..transport.contexts import server_context
 from ..transport.keylog import KeyLog
 from ..transport.listen import bind, close_all, describe, parse_listen
 from ..transport.plain import PlainTransport
 from .balance import DEFER, POLL
-from .budget import ByteBudget
+from .budget import Pool
 from .connection import Connection
 from .outcome import ClientGone, ImageFailed, LimitExceeded, Refused
 
@@ -95,18 +94,15 @@ class Server:
         #: Opens each connection's backend (the image files, unless told otherwise).
         self._backends = backends or FileBackendFactory(io_uring=config.io_uring)
         limits = config.limits
-        self._policy = Policy(
-            reply_timeout=limits.reply_timeout if limits.reply_timeout > 0 else math.inf,
-            busy_poll=config.busy_poll_us / 1e6,
-        )
+        self._policy = Policy(busy_poll=config.busy_poll_us / 1e6)
         #: With --workers, this worker's place on the shared load board.
         self._seat = seat
         #: Connections accepted and not yet closed (refused ones too, while refusing).
         self._held = 0
         self.exports = ExportDirectory(config.root, default_export=config.default_export)
         self.connections: set[Connection] = set()
-        self._per_client: dict[str, int] = {}
-        self.budget = ByteBudget(config.limits.max_server_buffer)
+        #: Each client address's connections and reply bytes.
+        self.pool = Pool(limits.max_server_buffer, per_client=limits.max_client_buffer)
         config.tls.check()
         self.ssl_context = None
         #: This process's TLS secrets, when it seals TLS 1.3 records itself (records.py).
@@ -248,17 +244,12 @@ class Server:
         self._next_id += 1
         host, name = _peer(stream)
         peer = f"#{self._next_id} {name}"
-        limits = self.config.limits
-        if len(self.connections) >= limits.max_connections:
-            log.warning("%s: refused: %d connections already (limit)", peer, len(self.connections))
+        refusal = self._admit(host)
+        if refusal is not None:
+            log.warning("%s: refused: %s", peer, refusal)
             await trio.aclose_forcefully(stream)
             return
-        mine = self._per_client.get(host, 0)
-        if limits.max_connections_per_client and mine >= limits.max_connections_per_client:
-            log.warning("%s: refused: %d connections from %s already (limit)", peer, mine, host)
-            await trio.aclose_forcefully(stream)
-            return
-        self._per_client[host] = mine + 1
+        share = self.pool.join(host)
         transport = PlainTransport(stream, self._policy)
         conn = Connection(
             transport,
@@ -266,7 +257,7 @@ class Server:
             self.config,
             self.exports,
             self.ssl_context,
-            server_budget=self.budget,
+            share=share,
             keys=self.keys,
             backends=self._backends,
         )
@@ -288,11 +279,7 @@ class Server:
                 level = ended
         finally:
             self.connections.discard(conn)
-            left = self._per_client[host] - 1
-            if left:
-                self._per_client[host] = left
-            else:
-                del self._per_client[host]
+            self.pool.leave(share)
             with trio.CancelScope(shield=True):
                 try:
                     await transport.aclose()  # the connection closed what it wrapped
@@ -307,6 +294,30 @@ class Server:
                 *(peer, s.export, s.requests, s.bytes_read, s.errors),
                 *(time.monotonic() - start, s.tls, s.client, s.ended),
             )
+
+    def _admit(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused, or None. A full table makes
+        room when one address holds more connections than the newcomer's (plus one): its
+        connection that has served the fewest requests is closed, so no address can lock
+        the others out by holding connections open."""
+        limits = self.config.limits
+        mine = self.pool.connections(host)
+        if limits.max_connections_per_client and mine >= limits.max_connections_per_client:
+            return f"{mine} connections from {host} already (limit)"
+        if len(self.connections) < limits.max_connections:
+            return None
+        busiest = self.pool.busiest()
+        if busiest is None or busiest.address == host or busiest.connections <= mine + 1:
+            return f"{len(self.connections)} connections already (limit)"
+        candidates = [c for c in self.connections if c.address == busiest.address and not c.evicted]
+        if not candidates:
+            return f"{len(self.connections)} connections already (limit)"
+        victim = min(candidates, key=lambda c: c.stats.requests)
+        victim.evict(
+            f"the server is full ({limits.max_connections} connections) and {host} has "
+            f"{mine}, {busiest.address} {busiest.connections}: its least busy one gives way"
+        )
+        return None
 
     def shutdown(self) -> None:
         """Stop accepting, stop reading new requests, give in-flight ones the grace period."""
@@ -329,7 +340,7 @@ async def serve(
 def _ended(stats: Stats, exc: Exception) -> int | None:
     """Record how a connection ended by ``exc``; the log level that deserves, or None for
     an internal error."""
-    if isinstance(exc, ReplyTimeout | LimitExceeded):
+    if isinstance(exc, LimitExceeded):
         stats.ended = f"limit: {exc}"
     elif isinstance(exc, trio.TooSlowError):
         stats.ended = "handshake timeout (limit)"

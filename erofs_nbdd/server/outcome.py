@@ -13,6 +13,10 @@ class LimitExceeded(Exception):
     """The client broke a server limit; it is disconnected and the limit logged."""
 
 
+class ReplyTimeout(LimitExceeded):
+    """Replies waited and the client read none of them whole for the reply timeout."""
+
+
 class Refused(Exception):
     """The client was turned away (TLS failed or was skipped); worth a warning."""
 

@@ -8,6 +8,12 @@ so a client cannot queue unbounded work or pin unbounded memory.
 
 An image that cannot be read is answered here, in one place: ``NBD_EIO`` while none of the
 reply has gone out, a closed connection once its header has (``_reply_file``).
+
+Two rules keep one connection from hurting the others. Its turn on the event loop ends
+after a bounded amount of work (``QUANTUM``), whatever the requests. And while replies wait
+to be sent, one of them must go out whole every reply timeout (``_watch_replies``): a
+client that reads a trickle, just enough to keep a blocked write moving, still cannot keep
+the bytes its replies hold.
 """
 
 from __future__ import annotations
@@ -15,24 +21,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import trio
 
 from ..protocol import NEED_DATA, Cmd, CmdFlag, Disconnect, Errno, Request
 from ..ranges import ImageUnreadable
 from .budget import ByteBudget
-from .outcome import ImageFailed, LimitExceeded
+from .outcome import ImageFailed, LimitExceeded, ReplyTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from ..config import Limits
     from ..protocol import ServerTransmission
     from ..ranges import FileRange
     from ..storage.backend import Backend
     from ..transport.base import Transport
+    from .budget import Share
     from .outcome import Stats
+
+    _Send: TypeAlias = Callable[[bytes | bytearray, FileRange | None], Awaitable[None]]
 
 log = logging.getLogger("erofs_nbdd.connection")
 
@@ -49,6 +58,18 @@ INLINE_MAX = 1024 * 1024
 FILE_REPLY_MIN = 64 * 1024
 #: The one meta context we serve, and its id after SET_META_CONTEXT.
 CONTEXT_ID = 1
+#: Fairness: a connection gives up the event loop once it has done this much work since it
+#: last did, whatever the mix. A request costs REQUEST_COST plus the bytes it reads or
+#: caches (CACHE costs like a read: WILLNEED makes the kernel read them), so a pass is at
+#: most 64 small requests or about 4 MiB, well under a millisecond of this process's time.
+#: Without it a client pipelining cached reads or CACHE never let the loop go: others'
+#: reads waited seconds and new clients missed the handshake deadline.
+QUANTUM = 4 * 1024 * 1024
+REQUEST_COST = 64 * 1024
+
+
+#: Requests whose length is work for this server or the kernel (BLOCK_STATUS is not).
+_COSTLY = frozenset((Cmd.READ, Cmd.CACHE))
 
 
 class Transmitter:
@@ -61,7 +82,7 @@ class Transmitter:
         backend: Backend,
         tx: ServerTransmission,
         limits: Limits,
-        server_budget: ByteBudget,
+        share: Share,
         stats: Stats,
         peer: str,
         verbose: bool,
@@ -76,11 +97,15 @@ class Transmitter:
         #: Bytes of a READ reply's header: its data follows them in one buffer.
         self._head = tx.read_header_size
         self._budget = ByteBudget(limits.max_connection_buffer)
-        self._server_budget = server_budget
+        #: This client address's part of the server-wide budget.
+        self._share = share
         self._stopping = False
         self._receive_scope: trio.CancelScope | None = None
         #: Requests waiting for storage; the idle timeout runs only while there are none.
         self.in_flight = 0
+        #: Sends begun and not finished, and sends finished: the reply timeout's measure.
+        self._sending = 0
+        self._sent = 0
 
     def stop(self) -> None:
         """Read no more requests; those in flight are still answered."""
@@ -90,12 +115,54 @@ class Transmitter:
 
     async def run(self) -> None:
         """Serve requests until the client disconnects or the server stops."""
+        timeout = self.limits.reply_timeout
+        async with _one_error(), trio.open_nursery() as nursery:
+            if timeout > 0:
+                nursery.start_soon(self._watch_replies, float(timeout))
+            await self._serve()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_replies(self, seconds: float) -> None:
+        """``ReplyTimeout`` once replies have waited ``seconds`` with none sent whole
+        (checked every quarter of it, so it fires between 1 and 1.25 times ``seconds``)."""
+        timeout = seconds
+        step = timeout / 4
+        stalled, last = 0.0, self._sent
+        while True:
+            await trio.sleep(step)
+            if self._sending and self._sent == last:
+                stalled += step
+                if stalled >= timeout:
+                    raise ReplyTimeout(f"client read no reply for {timeout:g} s (reply timeout)")
+            else:
+                stalled = 0.0
+            last = self._sent
+
+    async def _send(self, data: bytes | bytearray, file: FileRange | None = None) -> None:
+        """Every reply goes out through here, so the reply timeout sees them all."""
+        self._sending += 1
+        try:
+            if file is None:
+                await self.transport.send_all(data)
+            else:
+                await self.transport.send_file(data, file)
+        finally:
+            self._sending -= 1
+        self._sent += 1
+
+    async def _serve(self) -> None:
         backend, tx = self.backend, self._tx
-        batch = _Batch(self.transport)
+        batch = _Batch(self._send)
         slots = trio.Semaphore(self.limits.max_in_flight)
+        work = 0
         async with _one_error(), trio.open_nursery() as nursery:
             while (req := await self._next_request(batch)) is not None:
                 self.stats.requests += 1
+                work += REQUEST_COST + (req.length if req.cmd in _COSTLY else 0)
+                if work >= QUANTUM:  # this connection's turn is over: let the others run
+                    work = 0
+                    await batch.flush()
+                    await trio.lowlevel.checkpoint()
                 if self.verbose:
                     log.debug("%s: %s", self.peer, req)
                 error, message = tx.check(req)
@@ -200,7 +267,7 @@ class Transmitter:
         except trio.WouldBlock:
             await batch.flush()
             await slots.acquire()
-        for budget in (self._budget, self._server_budget):
+        for budget in (self._budget, self._share):
             if not budget.try_acquire(size):
                 await batch.flush()
                 await budget.acquire(size)
@@ -226,7 +293,7 @@ class Transmitter:
             except ImageUnreadable as exc:
                 reply = self._unreadable(req, exc)
             if len(reply) >= FILE_REPLY_MIN:
-                await self.transport.send_all(reply)
+                await self._send(reply)
             else:
                 # Reads that finish together (io_uring and the thread pool both wake them
                 # in one pass) go out in one write: add, let the others add theirs, then
@@ -240,7 +307,7 @@ class Transmitter:
         finally:
             self.in_flight -= 1
             self._budget.release(size)
-            self._server_budget.release(size)
+            self._share.release(size)
             slots.release()
 
 
@@ -265,8 +332,8 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 class _Batch:
     """Replies gathered into one write: at high queue depth, one syscall answers many."""
 
-    def __init__(self, transport: Transport) -> None:
-        self._transport = transport
+    def __init__(self, send: _Send) -> None:
+        self._send = send
         self._parts: list[bytes | bytearray] = []
         self._size = 0
 
@@ -287,10 +354,7 @@ class _Batch:
             return
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts, self._size = [], 0
-        if file is None:
-            await self._transport.send_all(data)
-        else:
-            await self._transport.send_file(data, file)
+        await self._send(data, file)
 
 
 def _clip_extents(extents: list[tuple[int, int]], req: Request) -> list[tuple[int, int]]:

@@ -44,6 +44,7 @@ def share(config: ServerConfig, workers: int) -> ServerConfig:
         if lim.max_connections_per_client
         else 0,
         max_server_buffer=max(part(lim.max_server_buffer), lim.max_payload),
+        max_client_buffer=part(lim.max_client_buffer) if lim.max_client_buffer else 0,
     )
     return dataclasses.replace(config, limits=limits)
 

@@ -5,18 +5,18 @@ can also send a range of an open file after a header (``send_file``: ``sendfile`
 kernel writes the socket, read and encrypted a slice at a time where this process encrypts),
 and try a receive without waiting (``receive_nowait``). Each call to ``send_all`` or
 ``send_file`` goes out whole before another begins, so nothing comes between a reply's
-header and its data. How long a blocked send may wait and how long a receive retries
-before sleeping are the transport's ``Policy``, given when it is made.
+header and its data. How long a receive retries before sleeping is the transport's
+``Policy``, given when it is made. A send waits as long as the peer makes it: how long a
+reply may take is the server's business (the reply timeout in ``server/transmit.py``),
+measured over whole replies, which no transport sees.
 
 Errors, in trio's words: ``trio.BrokenResourceError`` (the peer reset or broke the
-connection), ``trio.ClosedResourceError`` (closed here), ``ReplyTimeout`` (the peer read
-nothing for the reply timeout), ``ImageUnreadable`` (the file behind ``send_file`` failed).
+connection), ``trio.ClosedResourceError`` (closed here), ``ImageUnreadable`` (the file
+behind ``send_file`` failed).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,36 +25,14 @@ import trio
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Iterator
 
     from ..ranges import FileRange
 
 
 @dataclass(frozen=True)
 class Policy:
-    #: Seconds a send may stay blocked (the peer reading nothing) before ``ReplyTimeout``.
-    reply_timeout: float = math.inf
     #: Seconds ``receive_nowait(spin=True)`` retries before giving up (--busy-poll).
     busy_poll: float = 0.0
-
-
-class ReplyTimeout(trio.TooSlowError):
-    """The peer read nothing for the policy's reply timeout while a send was blocked."""
-
-
-@contextlib.contextmanager
-def reply_deadline(policy: Policy) -> Iterator[None]:
-    """Bound one blocked wait for room to send by the reply timeout (no timer without
-    one). Entered only when a send would block, so no timer exists on the fast path."""
-    if math.isinf(policy.reply_timeout):
-        yield
-        return
-    try:
-        with trio.fail_after(policy.reply_timeout):
-            yield
-    except trio.TooSlowError:
-        timeout = policy.reply_timeout
-        raise ReplyTimeout(f"client read no reply for {timeout:g} s (reply timeout)") from None
 
 
 class Transport(trio.abc.Stream):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .base import SecureTransport, reply_deadline
+from .base import SecureTransport
 from .lock import FastLock
 from .slices import data_slices, file_slices
 from .tls import TLSSession
@@ -193,8 +193,7 @@ class KernelTLSTransport(TLSSession, SecureTransport):
                 sent += self._session.send(piece[sent:])
             except ssl.SSLWantWriteError:
                 # the retry passes the same bytes, as OpenSSL requires
-                with reply_deadline(self.policy):
-                    await trio.lowlevel.wait_writable(self._fd)
+                await trio.lowlevel.wait_writable(self._fd)
             except (ssl.SSLError, OSError) as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
 

@@ -3,9 +3,8 @@
 ``trio.SocketStream`` yields to the scheduler on every send and receive, even when the
 kernel could complete them at once; at queue depth 1 those trips are a large part of a
 request's cost. Here a send or receive is tried first and awaited only on EAGAIN; a
-checkpoint every ``YIELD_EVERY`` calls keeps a busy connection from starving the others and
-lets cancellation in. A blocked send waits at most the policy's reply timeout; the timer
-exists only while it is blocked.
+checkpoint every ``YIELD_EVERY`` calls lets cancellation in (the server's request loop
+gives up its turn on its own schedule, whatever the transport).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..ranges import ImageUnreadable
-from .base import Policy, Transport, reply_deadline
+from .base import Policy, Transport
 from .lock import FastLock
 
 if TYPE_CHECKING:
@@ -85,8 +84,7 @@ class PlainTransport(Transport):
                 sent += n
 
     async def _wait_writable(self) -> None:
-        with reply_deadline(self.policy):
-            await trio.lowlevel.wait_writable(self._fd)
+        await trio.lowlevel.wait_writable(self._fd)
 
     async def send_file(self, head: bytes | bytearray, file: FileRange) -> None:
         """``head``, then the file's bytes by ``os.sendfile``: the kernel sends them from the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Policy, Transport, reply_deadline
+from .base import Policy, Transport
 from .lock import FastLock
 from .slices import file_slices
 
@@ -29,14 +29,12 @@ class StreamTransport(Transport):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self._send_lock:
-            with reply_deadline(self.policy):
-                await self._stream.send_all(data)
+            await self._stream.send_all(data)
 
     async def send_file(self, head: bytes | bytearray, file: FileRange) -> None:
         async with self._send_lock:
-            with reply_deadline(self.policy):
-                for piece in file_slices(head, file):
-                    await self._stream.send_all(piece)
+            for piece in file_slices(head, file):
+                await self._stream.send_all(piece)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return bytes(await self._stream.receive_some(max_bytes or RECEIVE_SIZE))
