@@ -61,6 +61,16 @@ class Pool:
         self.reserve = min(total // 8 if reserve is None else reserve, total - self.per_client)
         self._changed = trio.Event()
         self._shares: dict[str, Share] = {}
+        #: The most held at once since ``drained`` last answered True.
+        self.peak = 0
+
+    def drained(self, peak: int) -> bool:
+        """Whether nothing is held now, after at least ``peak`` bytes were (once per such
+        peak): the moment to give freed buffers back to the system."""
+        if self.free < self.total or self.peak < peak:
+            return False
+        self.peak = 0
+        return True
 
     def join(self, address: str) -> Share:
         """The share of ``address``, for one more of its connections."""
@@ -114,6 +124,7 @@ class Share:
             return False
         pool.free -= n
         self.held += n
+        pool.peak = max(pool.peak, pool.total - pool.free)
         return True
 
     async def acquire(self, n: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..config import TLSMode
+from ..memory import release_free_memory
 from ..protocol import ProtocolError
 from ..storage import uring
 from ..storage.exports import ExportDirectory
@@ -36,6 +38,12 @@ if TYPE_CHECKING:
     from .outcome import Stats
 
 log = logging.getLogger("erofs_nbdd.server")
+
+#: Once replies held at least this much at once and all of it is back, freed buffers are
+#: returned to the system (checked every RELEASE_EVERY seconds), so the resident size
+#: follows what is held, not its peak.
+TRIM_AFTER = 16 * 1024 * 1024
+RELEASE_EVERY = 2.0
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, str]:
@@ -164,6 +172,7 @@ class Server:
                     async with trio.open_nursery() as acceptors:
                         for sock in sockets:
                             acceptors.start_soon(self._accept, sock, connections)
+                        acceptors.start_soon(self._release_memory)
                         task_status.started(addresses)
                 if self.connections:
                     log.info("stopped accepting; %d connection(s) finishing", len(self.connections))
@@ -194,6 +203,20 @@ class Server:
             )
         else:
             log.info("reads that miss the page cache go through io_uring")
+
+    async def _release_memory(self) -> None:
+        """After a burst, give the memory of its buffers back once they are all free.
+        A full collection comes first: a connection torn down with replies in flight
+        leaves its tasks' frames, which hold reply buffers, in reference cycles (trio
+        delivers the cancellation from inside the nursery's exit, and the tracebacks
+        keep that frame), and those reach the oldest generation before they are found.
+        Only startup objects are frozen out of it, so it stays a few milliseconds."""
+        gc.freeze()
+        while True:
+            await trio.sleep(RELEASE_EVERY)
+            if self.pool.drained(TRIM_AFTER):
+                gc.collect()
+                release_free_memory()
 
     async def _accept(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         """Take connections from one listening socket until cancelled, then close it.

@@ -18,7 +18,6 @@ the bytes its replies hold.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import TYPE_CHECKING, TypeAlias
@@ -31,7 +30,7 @@ from .budget import ByteBudget
 from .outcome import ImageFailed, LimitExceeded, ReplyTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
 
     from ..config import Limits
     from ..protocol import ServerTransmission
@@ -116,11 +115,24 @@ class Transmitter:
     async def run(self) -> None:
         """Serve requests until the client disconnects or the server stops."""
         timeout = self.limits.reply_timeout
-        async with _one_error(), trio.open_nursery() as nursery:
-            if timeout > 0:
-                nursery.start_soon(self._watch_replies, float(timeout))
-            await self._serve()
-            nursery.cancel_scope.cancel()
+        error = None
+        try:
+            async with trio.open_nursery() as nursery:
+                if timeout > 0:
+                    nursery.start_soon(self._watch_replies, float(timeout))
+                await self._serve()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = _first_error(group)
+        if error is not None:
+            # Raised outside the handler and unnamed once raised: raised in it, the error
+            # would get the group as its context, and this frame naming it is in its
+            # traceback; both cycles hold every reply buffer the group's tracebacks reach
+            # until a full collection (listener.py's _release_memory).
+            try:
+                raise error
+            finally:
+                del error
 
     async def _watch_replies(self, seconds: float) -> None:
         """``ReplyTimeout`` once replies have waited ``seconds`` with none sent whole
@@ -155,7 +167,7 @@ class Transmitter:
         batch = _Batch(self._send)
         slots = trio.Semaphore(self.limits.max_in_flight)
         work = 0
-        async with _one_error(), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             while (req := await self._next_request(batch)) is not None:
                 self.stats.requests += 1
                 work += REQUEST_COST + (req.length if req.cmd in _COSTLY else 0)
@@ -311,16 +323,11 @@ class Transmitter:
             slots.release()
 
 
-@contextlib.asynccontextmanager
-async def _one_error() -> AsyncIterator[None]:
-    """A nursery reports a failure as a group; the server's handler wants the failure itself
-    (a client gone mid-reply is routine, not an internal error)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        first = next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
-        raise first from None
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The failure itself, out of a nursery's group: the server's handler wants it (a
+    client gone mid-reply is routine, not an internal error)."""
+    leaves = _leaves(group)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

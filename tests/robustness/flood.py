@@ -1,13 +1,14 @@
 """Hostile load generators, run as their own processes so they never share the measuring
 process's interpreter: ``python -m tests.robustness.flood ADDRESS KIND SECONDS``.
 
-Each negotiates ``demo`` with GO, then until SECONDS pass (or stdin closes):
+Each negotiates ``demo`` with GO (from ``--source`` if given), then until SECONDS pass (or
+stdin closes):
 
 * ``cache``: pipelines NBD_CMD_CACHE of 4 KiB as fast as the socket takes them, reading
   every reply;
 * ``read512``: the same with 512-byte READs the page cache holds;
-* ``hold``: asks for uncached 1 MiB READs at offsets spread over the image, up to the
-  server's byte budgets, and then reads nothing;
+* ``hold``: asks for 64 READs of 1 MiB at offsets spread over the image (``--size``), and
+  then reads nothing;
 * ``trickle``: as ``hold``, but reads 64 KiB of replies every 1.8 s (a client that keeps
   one blocked write moving so it never times out).
 
@@ -16,6 +17,7 @@ It prints ``ready`` once negotiated and flooding, so the caller knows when to me
 
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import socket
@@ -26,9 +28,10 @@ import time
 from erofs_nbdd.protocol import NEED_DATA, ClientHandshake, Cmd, OptionAck, State, wire
 
 
-def negotiate(address: str, export: str = "demo") -> socket.socket:
+def negotiate(address: str, export: str = "demo", source: str | None = None) -> socket.socket:
     host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    bind = (source, 0) if source else None
+    sock = socket.create_connection((host, int(port)), timeout=10, source_address=bind)
     hs = ClientHandshake()
     sent_flags = False
     for _ in range(10_000):
@@ -71,12 +74,13 @@ def pipeline(sock: socket.socket, cmd: int, length: int, until: float) -> None:
     stop.set()
 
 
-def hold(sock: socket.socket, size: int, until: float, *, trickle: bool) -> None:
-    """Uncached 1 MiB reads spread over the image; then read nothing (or a trickle)."""
+def hold(sock: socket.socket, size: int, until: float, seed: int, *, trickle: bool) -> None:
+    """1 MiB reads spread over the image (``seed`` picks where, so connections given
+    different seeds miss the page cache); then read nothing (or a trickle)."""
     sock.settimeout(None)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     step = 1 << 20
-    offsets = [(i * 7919 * 4096) % max(size - step, 1) // 4096 * 4096 for i in range(64)]
+    blocks = max((size - step) // 4096, 1)
+    offsets = [(seed * 64 + i) * 7919 % blocks * 4096 for i in range(64)]
     sock.sendall(b"".join(wire.request(Cmd.READ, i, off, step) for i, off in enumerate(offsets)))
     print("ready", flush=True)
     while time.monotonic() < until and not _stdin_closed():
@@ -94,18 +98,22 @@ def _stdin_closed() -> bool:
 
 
 def main() -> None:
-    address, kind, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    size = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    until = time.monotonic() + seconds
-    sock = negotiate(address)
-    if kind == "cache":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("address")
+    parser.add_argument("kind", choices=["cache", "read512", "hold", "trickle"])
+    parser.add_argument("seconds", type=float)
+    parser.add_argument("--size", type=int, default=0, help="the image's size (hold, trickle)")
+    parser.add_argument("--source", help="the local address to connect from")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    until = time.monotonic() + args.seconds
+    sock = negotiate(args.address, source=args.source)
+    if args.kind == "cache":
         pipeline(sock, Cmd.CACHE, 4096, until)
-    elif kind == "read512":
+    elif args.kind == "read512":
         pipeline(sock, Cmd.READ, 512, until)
-    elif kind in ("hold", "trickle"):
-        hold(sock, size, until, trickle=kind == "trickle")
     else:
-        raise SystemExit(f"unknown flood {kind!r}")
+        hold(sock, args.size, until, args.seed, trickle=args.kind == "trickle")
 
 
 if __name__ == "__main__":
