@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import wire
-from .constants import IHAVEOPT, MAX_STRING, ClientFlag, HandshakeFlag, Info, Opt, Rep
+from .constants import IHAVEOPT, ClientFlag, HandshakeFlag, Info, Opt, Rep
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     NEED_DATA,
@@ -174,7 +174,7 @@ class ServerHandshake(HandshakeMachine):
     def send_server(self, name: str, description: str = "") -> bytes:
         opt = self._require(Opt.LIST)
         return wire.option_reply(
-            opt, Rep.SERVER, wire.rep_server(name.encode(), description.encode())
+            opt, Rep.SERVER, wire.rep_server(wire.utf8(name), wire.utf8(description))
         )
 
     def send_info_export(self, size: int, flags: int) -> bytes:
@@ -184,11 +184,11 @@ class ServerHandshake(HandshakeMachine):
 
     def send_info_name(self, name: str) -> bytes:
         opt = self._require(Opt.INFO, Opt.GO)
-        return wire.option_reply(opt, Rep.INFO, wire.info_text(Info.NAME, name.encode()))
+        return wire.option_reply(opt, Rep.INFO, wire.info_text(Info.NAME, wire.utf8(name)))
 
     def send_info_description(self, description: str) -> bytes:
         opt = self._require(Opt.INFO, Opt.GO)
-        text = description.encode()[:MAX_STRING]
+        text = wire.utf8(description)
         return wire.option_reply(opt, Rep.INFO, wire.info_text(Info.DESCRIPTION, text))
 
     def send_info_block_size(self, minimum: int, preferred: int, maximum: int) -> bytes:
@@ -201,7 +201,7 @@ class ServerHandshake(HandshakeMachine):
             self._pending_contexts[context_id] = name
             self._pending_meta_export = export
         return wire.option_reply(
-            opt, Rep.META_CONTEXT, wire.rep_meta_context(context_id, name.encode())
+            opt, Rep.META_CONTEXT, wire.rep_meta_context(context_id, wire.utf8(name))
         )
 
     def send_ack(self) -> bytes:
@@ -239,7 +239,7 @@ class ServerHandshake(HandshakeMachine):
             self.negotiated.meta_contexts = {}
             self.negotiated.meta_export = None
         self._close(Step.ERROR_REPLY)
-        return wire.option_reply(opt, rep, message.encode()[:MAX_STRING])
+        return wire.option_reply(opt, rep, wire.utf8(message))
 
     def send_export_name_reply(self, size: int, flags: int) -> bytes:
         self._require(Opt.EXPORT_NAME)

@@ -256,7 +256,7 @@ class ServerTransmission:
         if not error:  # Errno.OK, or a plain 0: that would be a success reply
             self._fail(LocalProtocolError, "an error reply needs an error")
         if self.negotiated.structured_replies:
-            return wire.error_chunk(cookie, error, message.encode()[:4096])
+            return wire.error_chunk(cookie, error, wire.utf8(message))
         return wire.simple_reply(cookie, error)
 
     def block_status_reply(

@@ -13,6 +13,7 @@ from typing import Any
 from .constants import (
     EXPORT_NAME_ZEROES,
     IHAVEOPT,
+    MAX_STRING,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
@@ -42,6 +43,16 @@ ERROR_CHUNK = struct.Struct(">IH")  # error, message length
 # What decoding a peer's bytes raises when they are too short or out of range: struct.error
 # is no ValueError, so a parser that catches only ValueError lets a short payload crash it.
 MALFORMED: tuple[type[Exception], ...] = (ValueError, IndexError, struct.error)
+
+
+def utf8(text: str, limit: int = MAX_STRING) -> bytes:
+    """``text`` as UTF-8 of at most ``limit`` bytes, cut at a character boundary. A lone
+    surrogate (a file name byte that was not UTF-8) becomes "?" instead of raising: no
+    string handed to a reply can stop it, and the peer always gets valid UTF-8."""
+    data = text.encode("utf-8", "replace")
+    if len(data) > limit:
+        data = data[:limit].decode("utf-8", "ignore").encode()
+    return data
 
 
 class Buffer:

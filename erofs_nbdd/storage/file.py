@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from ..protocol import StateFlag
@@ -17,15 +18,56 @@ if TYPE_CHECKING:
 #: preadv's answers to RWF_NOWAIT on a file system that cannot honour it.
 _NO_NOWAIT = (errno.EOPNOTSUPP, errno.EINVAL)
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    return next((kind for test, kind in _KINDS if test(mode)), f"of type {stat.S_IFMT(mode):#o}")
+
+
+class NotRegularFile(OSError):
+    """The path is a FIFO, a device, a socket or a directory, never an image. An OSError,
+    so whoever handles a failed open (GO's error reply) handles this one too."""
+
+
+def open_regular(path: os.PathLike[str] | str) -> tuple[int, os.stat_result]:
+    """``path`` opened read-only (a blocking descriptor) and its fstat, if it is a regular
+    file; NotRegularFile if not.
+
+    A path checked with stat may be a FIFO by the time it is opened, and opening a FIFO for
+    reading waits for a writer: O_NONBLOCK makes the open return at once whatever it finds,
+    and the check is then made on the descriptor itself. O_NOCTTY keeps a terminal from
+    becoming ours. O_NONBLOCK is cleared again before anything reads the image, as its
+    meaning for regular files is left to each reader (io_uring consults it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"not a regular file but {file_kind(st.st_mode)}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
 
 class FileBackend:
     """An image file opened once per connection, so a file replaced while a client is
-    attached keeps serving the bytes that client started with."""
+    attached keeps serving the bytes that client started with. A path that stopped being
+    a regular file since the scan (a FIFO put in its place) raises NotRegularFile at once
+    rather than hanging the open."""
 
     def __init__(self, path: os.PathLike[str] | str, *, io_uring: bool = True) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd, st = open_regular(path)
         try:
-            self._size = os.fstat(self._fd).st_size
+            self._size = st.st_size
             self._cache = PageCache(self._fd, self._size)
         except BaseException:
             os.close(self._fd)

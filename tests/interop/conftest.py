@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +45,21 @@ class RunningServer:
 
 
 def start_server_process(
-    root: Path, *args: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None
+    root: Path,
+    *args: str,
+    listen: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> RunningServer:
     """``python -m erofs_nbdd serve`` (a free loopback port by default), with ``env`` added
-    to the environment; waits until it listens."""
+    to the environment and run through ``prefix`` (such as setpriv) if given; waits until it
+    listens."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", listen, *args],
+        [
+            *prefix,
+            *(sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", listen),
+            *args,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
