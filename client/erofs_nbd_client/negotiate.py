@@ -168,8 +168,15 @@ class Handshake:
         replies = await self._option(self.machine.opt_list_meta_context(name, queries))
         return [r.name for r in replies if isinstance(r, MetaContext)]
 
-    async def info(self, name: str, *, go: bool = False) -> ExportDetails:
-        infos = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
+    async def info(
+        self,
+        name: str,
+        *,
+        go: bool = False,
+        infos: tuple[int, ...] = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE),
+    ) -> ExportDetails:
+        """INFO, or GO with ``go``; asking for NBD_INFO_BLOCK_SIZE in a GO binds this side
+        to the block sizes the server sends (``Negotiated.block_size``)."""
         build = self.machine.opt_go if go else self.machine.opt_info
         details = ExportDetails(name)
         for reply in await self._option(build(name, infos)):

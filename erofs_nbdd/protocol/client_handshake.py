@@ -55,6 +55,9 @@ class ClientHandshake(HandshakeMachine):
         self._buffer = wire.Buffer()
         self._option: int | None = None
         self._export_seen = False
+        # The open option is a GO that asked for NBD_INFO_BLOCK_SIZE, and what it got.
+        self._go_asks_block_size = False
+        self._block_size: tuple[int, int, int] | None = None
 
     def receive_data(self, data: bytes) -> None:
         self._buffer.feed(data)
@@ -132,6 +135,8 @@ class ClientHandshake(HandshakeMachine):
                 self._fail(RemoteProtocolError, "server acknowledged GO without NBD_INFO_EXPORT")
             if opt == Opt.STRUCTURED_REPLY:
                 self.negotiated.structured_replies = True
+            elif opt == Opt.GO:
+                self.negotiated.block_size = self._block_size
             self._close(ACK_STEP.get(opt, Step.ACK))
             return OptionAck(opt)
         allowed = PARTIAL_REPLIES.get(Rep(rep) if rep in Rep._value2member_map_ else Rep.ACK)
@@ -169,6 +174,8 @@ class ClientHandshake(HandshakeMachine):
             if len(data) != wire.INFO_BLOCK_SIZE.size:
                 raise ValueError(f"NBD_INFO_BLOCK_SIZE is {len(data)} bytes, not 14")
             _, minimum, preferred, maximum = wire.INFO_BLOCK_SIZE.unpack(data)
+            if self._go_asks_block_size:  # these bind us (doc/proto.md "NBD_INFO_BLOCK_SIZE")
+                self._block_size = (minimum, preferred, maximum)
             return BlockSizeInfo(minimum, preferred, maximum)
         return UnknownInfo(info, data[2:])
 
@@ -191,12 +198,15 @@ class ClientHandshake(HandshakeMachine):
         self._step(Step.OPTION)
         self._option = opt
         self._export_seen = False
+        self._go_asks_block_size, self._block_size = False, None
         if opt == Opt.SET_META_CONTEXT:
             self.negotiated.meta_contexts = {}
         return wire.option(opt, data)
 
     def opt_go(self, name: str, infos: tuple[int, ...] = ()) -> bytes:
-        return self._send(Opt.GO, wire.info_request(name.encode(), infos))
+        data = self._send(Opt.GO, wire.info_request(name.encode(), infos))
+        self._go_asks_block_size = Info.BLOCK_SIZE in infos
+        return data
 
     def opt_info(self, name: str, infos: tuple[int, ...] = ()) -> bytes:
         return self._send(Opt.INFO, wire.info_request(name.encode(), infos))

@@ -100,6 +100,17 @@ class Negotiated:
     meta_export: str | None = None
     tls: bool = False
     no_zeroes: bool = False
+    #: (minimum, preferred, maximum) as NBD_INFO_BLOCK_SIZE gave them in reply to the GO
+    #: that started transmission, if that GO asked for them: only then must the client keep
+    #: to them (doc/proto.md "NBD_INFO_BLOCK_SIZE"). None after EXPORT_NAME, after a GO that
+    #: did not ask, and when the sizes came only in reply to NBD_OPT_INFO or unasked.
+    block_size: tuple[int, int, int] | None = None
+
+    @property
+    def min_block(self) -> int:
+        """The alignment the client agreed to: 1 (none) unless ``block_size`` says otherwise,
+        the default doc/proto.md "Size constraints" says a server SHOULD then support."""
+        return self.block_size[0] if self.block_size and self.block_size[0] else 1
 
     def copy(self) -> Negotiated:
         """A copy that shares nothing mutable, for a machine that must not see later changes."""

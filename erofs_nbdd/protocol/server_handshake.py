@@ -45,6 +45,9 @@ class ServerHandshake(HandshakeMachine):
         self._buffer = wire.Buffer()
         self._option: Opt | int | None = None  # the open option while REPLYING
         self._info_export_sent = False
+        # The open option is a GO that asked for NBD_INFO_BLOCK_SIZE, and what it was sent.
+        self._go_asks_block_size = False
+        self._pending_block_size: tuple[int, int, int] | None = None
         self._pending_contexts: dict[int, str] = {}
         self._pending_meta_export: str | None = None
         self._must_error = False
@@ -148,6 +151,10 @@ class ServerHandshake(HandshakeMachine):
         self._step(Step.OPTION)
         self._option = Opt(opt) if opt in Opt._value2member_map_ else opt
         self._info_export_sent = False
+        self._go_asks_block_size = (
+            isinstance(event, InfoOption) and event.go and Info.BLOCK_SIZE in event.requests
+        )
+        self._pending_block_size = None
         self._pending_contexts = {}
         self._pending_meta_export = None
         self._must_error = isinstance(event, InvalidOption | UnsupportedOption)
@@ -192,7 +199,14 @@ class ServerHandshake(HandshakeMachine):
         return wire.option_reply(opt, Rep.INFO, wire.info_text(Info.DESCRIPTION, text))
 
     def send_info_block_size(self, minimum: int, preferred: int, maximum: int) -> bytes:
+        """Block size constraints; the client must keep to them only if this answers a GO
+        that asked for them (``Negotiated.block_size``), so only then may they be enforced."""
         opt = self._require(Opt.INFO, Opt.GO)
+        if minimum < 1 or minimum > 1 << 16 or minimum & (minimum - 1):
+            # doc/proto.md "Size constraints": a power of 2, at most 2^16
+            self._fail(LocalProtocolError, f"minimum block size {minimum} is not allowed")
+        if self._go_asks_block_size:
+            self._pending_block_size = (minimum, preferred, maximum)
         return wire.option_reply(opt, Rep.INFO, wire.info_block_size(minimum, preferred, maximum))
 
     def send_meta_context(self, context_id: int, name: str, export: str) -> bytes:
@@ -221,6 +235,8 @@ class ServerHandshake(HandshakeMachine):
         elif opt == Opt.SET_META_CONTEXT:
             self.negotiated.meta_contexts = self._pending_contexts
             self.negotiated.meta_export = self._pending_meta_export
+        elif opt == Opt.GO:
+            self.negotiated.block_size = self._pending_block_size
         self._close(ACK_STEP.get(opt, Step.ACK))
         return wire.option_reply(opt, Rep.ACK)
 

@@ -67,6 +67,11 @@ BASE_FLAGS = (
     | TransmissionFlag.CAN_MULTI_CONN
     | TransmissionFlag.SEND_CACHE
 )
+#: The minimum block size told to clients that ask for block sizes; enforced only where a
+#: GO asked for it (``Negotiated.min_block``). Any other client may read any byte range, as
+#: doc/proto.md "Size constraints" says a server SHOULD allow, and as nbdkit, qemu-nbd and
+#: nbd-server do: every read path here takes any offset and length.
+MIN_BLOCK = 512
 
 
 class Connection:
@@ -312,7 +317,9 @@ class Connection:
             parts.append(hs.send_info_description(found.description))
         if Info.BLOCK_SIZE in event.requests:
             parts.append(
-                hs.send_info_block_size(512, found.superblock.block_size, self.limits.max_payload)
+                hs.send_info_block_size(
+                    MIN_BLOCK, found.superblock.block_size, self.limits.max_payload
+                )
             )
         parts.append(hs.send_ack())
         await self._send(b"".join(parts))
@@ -364,7 +371,7 @@ class Connection:
         export = ExportLimits(
             size=self._backend.get_size(),
             flags=self._flags(),
-            min_block=512,
+            min_block=self.handshake.negotiated.min_block,
             max_payload=self.limits.max_payload,
         )
         self._tx = Transmitter(

@@ -53,7 +53,10 @@ def one_input(data: bytes) -> None:
         if target == 0:
             drive_server_session(pieces)
         elif target in (1, 2):
-            negotiated = Negotiated(structured_replies=target == 2, meta_contexts={1: "b"})
+            told = (512, 4096, 1 << 20) if target == 2 else None  # aligned to 512, or to 1
+            negotiated = Negotiated(
+                structured_replies=target == 2, meta_contexts={1: "b"}, block_size=told
+            )
             drive_server_transmission(pieces, negotiated)
         elif target == 3:
             drive_client_handshake(pieces)

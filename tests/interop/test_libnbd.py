@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import textwrap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pytest
 
+from erofs_nbdd.protocol import Opt, Rep, wire
 from erofs_nbdd.storage import uring
 
 from ..conftest import evict, random_image, require_tool
 from .conftest import run, start_server_process, stop_server_process
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from .conftest import RunningServer
@@ -221,3 +226,153 @@ def test_signal_with_a_client_attached_exits_zero(images: Path, signum: str) -> 
     assert f"{signum}: shutting down" in text
     assert "ended=server shutdown" in text
     assert "Traceback" not in text
+
+
+class GoRefusingRelay:
+    """A loopback relay to our server that answers NBD_OPT_GO (and INFO) itself with
+    NBD_REP_ERR_UNSUP, as a server from before GO would, and passes everything else on:
+    libnbd then falls back to NBD_OPT_EXPORT_NAME, which it uses with no other server here.
+    ``options`` records the options the client sent, in order."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.options: list[int] = []
+        self._sockets: list[socket.socket] = [self._listener]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def __enter__(self) -> GoRefusingRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(10)
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed: done
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._upstream)
+                self._sockets += [client, server]
+                self._start(self._pipe, server, client)
+                self._start(self._options, client, server)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _options(self, client: socket.socket, server: socket.socket) -> None:
+        """Client flags, then options one at a time (the client waits for each reply, so
+        a refusal never lands inside a reply being relayed), then plain relaying."""
+
+        def take(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                part = client.recv(n - len(data))
+                if not part:
+                    raise OSError("client closed")
+                data += part
+            return data
+
+        with contextlib.suppress(OSError):
+            server.sendall(take(4))
+            while True:
+                header = take(wire.OPTION_HEADER.size)
+                _, opt, length = wire.OPTION_HEADER.unpack(header)
+                data = take(length)
+                self.options.append(opt)
+                if opt in (Opt.GO, Opt.INFO):
+                    client.sendall(wire.option_reply(opt, Rep.ERR_UNSUP))
+                    continue
+                server.sendall(header + data)
+                if opt in (Opt.EXPORT_NAME, Opt.ABORT):
+                    break
+        self._pipe(client, server)
+
+
+UNALIGNED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import nbd
+    uri, path, ask = sys.argv[1], sys.argv[2], sys.argv[3] == "ask"
+    data = open(path, "rb").read()
+    h = nbd.NBD()
+    h.set_strict_mode(0)  # let the server, not libnbd, judge every request
+    h.set_request_block_size(ask)
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    print("minimum", h.get_block_size(nbd.SIZE_MINIMUM))  # 0: none advertised
+    size = len(data)
+    for off, n in [(1, 513), (size - 1, 1), (4097, 65539), (12345, 1048583), (0, 4096)]:
+        try:
+            got = h.pread(n, off)
+        except nbd.Error as e:
+            print("read", off, n, e.errno)
+        else:
+            print("read", off, n, "ok" if got == data[off:off + n] else "WRONG BYTES")
+    if h.can_meta_context("base:allocation"):
+        for off, n in [(1, 513), (4097, 100)]:
+            extents = []
+            try:
+                h.block_status(n, off, lambda ctx, o, ents, err: extents.extend(ents) or 0)
+            except nbd.Error as e:
+                print("status", off, n, e.errno)
+            else:
+                print("status", off, n, sum(extents[0::2]) >= n)
+    assert h.pread(512, 1024)[:4] == bytes.fromhex("e2e1f5e0")  # still connected
+    h.shutdown()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["GO asking for block sizes", "GO not asking", "EXPORT_NAME"])
+def test_libnbd_unaligned_reads_follow_what_was_agreed(
+    served: RunningServer, tmp_path: Path, how: str
+) -> None:
+    """libnbd with strict mode off, so the server judges: a client told 512 in the GO it
+    asked in gets EINVAL for a read at offset 1 or of 513 bytes, and the connection goes
+    on; a client told nothing (a GO that did not ask, or EXPORT_NAME) gets the bytes, as
+    from nbdkit, qemu-nbd and nbd-server (doc/proto.md "Size constraints")."""
+    require_tool("nbdsh")
+    script = tmp_path / "unaligned.py"
+    script.write_text(UNALIGNED_SCRIPT)
+    image = served.root / "demo.erofs"
+    size = image.stat().st_size
+    ask = "ask" if how == "GO asking for block sizes" else "no"
+    with GoRefusingRelay(served.address) as relay:
+        address = relay.address if how == "EXPORT_NAME" else served.address
+        uri = f"nbd://{address}/demo"
+        out = run("/usr/bin/python3", str(script), uri, str(image), ask).stdout
+    lines = out.splitlines()
+    assert lines[-1] == "ok", out
+    agreed = how == "GO asking for block sizes"
+    assert lines[0] == f"minimum {512 if agreed else 0}"
+    bad = "EINVAL" if agreed else None
+    assert lines[1:-1] == [
+        f"read 1 513 {bad or 'ok'}",
+        f"read {size - 1} 1 {bad or 'ok'}",
+        f"read 4097 65539 {bad or 'ok'}",
+        f"read 12345 1048583 {bad or 'ok'}",
+        "read 0 4096 ok",
+        f"status 1 513 {bad or True}",
+        f"status 4097 100 {bad or True}",
+    ], out
+    if how == "EXPORT_NAME":
+        assert relay.options[-2:] == [Opt.GO, Opt.EXPORT_NAME], relay.options

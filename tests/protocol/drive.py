@@ -149,8 +149,9 @@ def drive_server_handshake(chunks: Iterable[bytes]) -> tuple[ServerHandshake, by
     return hs, hs.trailing_data + b"".join(pieces)  # what the transmission phase gets
 
 
-def export_limits(size: int = 1 << 20) -> ExportLimits:
-    return ExportLimits(size=size, flags=FLAGS, min_block=512, max_payload=MAX_PAYLOAD)
+def export_limits(negotiated: Negotiated, size: int = 1 << 20) -> ExportLimits:
+    """The limits our server enforces: a minimum block size only where the client agreed."""
+    return ExportLimits(size, FLAGS, min_block=negotiated.min_block, max_payload=MAX_PAYLOAD)
 
 
 def drive_server_transmission(
@@ -158,7 +159,7 @@ def drive_server_transmission(
 ) -> list[Request]:
     """Feed requests to a server transmission machine and answer each as the server does
     (data of the right length for a good READ). Returns the requests that were served."""
-    return serve(ServerTransmission(negotiated, export_limits(size)), chunks)
+    return serve(ServerTransmission(negotiated, export_limits(negotiated, size)), chunks)
 
 
 def serve(tx: ServerTransmission, chunks: Iterable[bytes]) -> list[Request]:
@@ -182,6 +183,8 @@ def serve(tx: ServerTransmission, chunks: Iterable[bytes]) -> list[Request]:
             continue
         if event.offset + event.length > size or event.length > MAX_PAYLOAD:
             raise BadReply(f"{event} passed the checks but is outside the export")
+        if (event.offset | event.length) % tx.export.min_block:
+            raise BadReply(f"{event} passed the checks but is not aligned")
         if event.cmd == Cmd.READ:
             head = tx.read_reply_header(event.cookie, event.offset, event.length)
             if len(head) != tx.read_header_size:
@@ -202,7 +205,7 @@ def drive_server_session(chunks: Iterable[bytes]) -> tuple[ServerHandshake, list
     hs, after = drive_server_handshake(chunks)
     if hs.state is not State.TRANSMISSION:
         return hs, []
-    tx = hs.transmission(export_limits())
+    tx = hs.transmission(export_limits(hs.negotiated))
     if tx.negotiated is hs.negotiated or tx.negotiated != hs.negotiated:
         raise BadReply("the transmission machine must get a copy of the negotiated settings")
     if tx.pending_bytes() != len(hs.trailing_data):

@@ -14,8 +14,10 @@ from erofs_nbdd.protocol import (
     ClientFlag,
     ClientFlags,
     ClientHandshake,
+    Cmd,
     DescriptionInfo,
     Disconnect,
+    Errno,
     ExportInfo,
     ExportLimits,
     ExportNameOption,
@@ -432,6 +434,21 @@ SERVER_MISUSE = [
     ),
     ("ACK to EXPORT_NAME", lambda: _server_replying(Opt.EXPORT_NAME), lambda s: s.send_ack()),
     (
+        "minimum block size 0",
+        lambda: _server_replying(Opt.GO, wire.info_request(b"x", (Info.BLOCK_SIZE,))),
+        lambda s: s.send_info_block_size(0, 4096, 1 << 20),
+    ),
+    (
+        "minimum block size not a power of 2",
+        lambda: _server_replying(Opt.INFO, wire.info_request(b"x", (Info.BLOCK_SIZE,))),
+        lambda s: s.send_info_block_size(768, 4096, 1 << 20),
+    ),
+    (
+        "minimum block size over 64 KiB",
+        lambda: _server_replying(Opt.GO, wire.info_request(b"x", ())),
+        lambda s: s.send_info_block_size(1 << 17, 1 << 17, 1 << 20),
+    ),
+    (
         "error to EXPORT_NAME",
         lambda: _server_replying(Opt.EXPORT_NAME),
         lambda s: s.send_error(Rep.ERR_UNKNOWN),
@@ -597,3 +614,87 @@ def test_transmission_after_export_name() -> None:
     assert tx.next_event() == Request(0, 0, 1, 0, 512)
     assert not tx.negotiated.structured_replies
     assert tx.read_header_size == 16
+
+
+# -- block sizes: binding only where a GO asked for them ---------------------------------
+
+BLOCK_SIZES = (512, 4096, 1 << 25)
+
+
+def _go(
+    infos: tuple[int, ...], *, send_block_size: bool = True
+) -> tuple[ServerHandshake, ClientHandshake]:
+    """Both sides after a GO asking for ``infos``, answered with block sizes (asked or not)."""
+    server, client = started()
+    assert feed(server, client.opt_go("img", infos)) == [InfoOption("img", infos, go=True)]
+    reply = server.send_info_export(SIZE, FLAGS)
+    if send_block_size:
+        reply += server.send_info_block_size(*BLOCK_SIZES)
+    feed(client, reply + server.send_ack())
+    assert server.state is State.TRANSMISSION is client.state
+    return server, client
+
+
+def _unaligned_read_error(server: ServerHandshake) -> Errno:
+    """What a READ of 513 bytes at offset 1 gets, with the limits our server builds."""
+    limits = ExportLimits(SIZE, FLAGS, min_block=server.negotiated.min_block)
+    tx = server.transmission(limits)
+    tx.receive_data(wire.request(Cmd.READ, 1, 1, 513))
+    request = tx.next_event()
+    assert isinstance(request, Request)
+    return tx.check(request)[0]
+
+
+def test_a_go_that_asked_for_block_sizes_binds_the_client_to_them() -> None:
+    server, client = _go((Info.BLOCK_SIZE,))
+    assert server.negotiated.block_size == BLOCK_SIZES == client.negotiated.block_size
+    assert server.negotiated.min_block == 512 == client.negotiated.min_block
+    assert _unaligned_read_error(server) is Errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    ("infos", "send_block_size"),
+    [((Info.NAME,), True), ((), False), ((Info.BLOCK_SIZE,), False)],
+    ids=["sent unasked", "neither asked nor sent", "asked, not sent"],
+)
+def test_a_go_that_was_not_told_block_sizes_it_asked_for_binds_to_nothing(
+    infos: tuple[int, ...], send_block_size: bool
+) -> None:
+    """doc/proto.md "NBD_INFO_BLOCK_SIZE": a GO without the request does not commit the
+    client, even if the server sends sizes anyway; the default minimum is 1."""
+    server, client = _go(infos, send_block_size=send_block_size)
+    assert server.negotiated.block_size is None is client.negotiated.block_size
+    assert server.negotiated.min_block == 1 == client.negotiated.min_block
+    assert _unaligned_read_error(server) is Errno.OK
+
+
+def test_export_name_binds_the_client_to_no_block_size() -> None:
+    server, client = started()
+    feed(server, client.opt_export_name("img"))
+    feed(client, server.send_export_name_reply(SIZE, FLAGS))
+    assert server.negotiated.block_size is None is client.negotiated.block_size
+    assert server.negotiated.min_block == 1
+    assert _unaligned_read_error(server) is Errno.OK
+
+
+def test_block_sizes_seen_in_info_or_a_failed_go_do_not_carry_over() -> None:
+    """Only the GO that starts transmission counts: sizes from NBD_OPT_INFO (which the spec
+    says commits nobody) or from a GO refused after them are forgotten."""
+    server, client = started()
+    feed(server, client.opt_info("img", (Info.BLOCK_SIZE,)))
+    reply = server.send_info_export(SIZE, FLAGS) + server.send_info_block_size(*BLOCK_SIZES)
+    assert feed(client, reply + server.send_ack())[1] == BlockSizeInfo(*BLOCK_SIZES)
+    feed(server, client.opt_go("img", (Info.BLOCK_SIZE,)))
+    reply = server.send_info_block_size(*BLOCK_SIZES) + server.send_error(Rep.ERR_UNKNOWN)
+    assert feed(client, reply)[-1] == OptionError(Opt.GO, Rep.ERR_UNKNOWN, "")
+    assert server.negotiated.block_size is None is client.negotiated.block_size
+    feed(server, client.opt_go("img"))
+    feed(client, server.send_info_export(SIZE, FLAGS) + server.send_ack())
+    assert server.negotiated.block_size is None is client.negotiated.block_size
+    assert _unaligned_read_error(server) is Errno.OK
+
+
+def test_a_client_told_a_minimum_of_0_keeps_no_alignment() -> None:
+    """A server may not send 0 (ours cannot); a client that is sent it aligns to nothing."""
+    assert Negotiated(block_size=(0, 4096, 1 << 20)).min_block == 1
+    assert Negotiated(block_size=(4096, 4096, 1 << 20)).min_block == 4096

@@ -136,8 +136,12 @@ def request_bytes(draw: st.DrawFn) -> bytes:
     magic = draw(st.one_of(st.just(REQUEST_MAGIC), u32))
     cmd = draw(st.sampled_from([*Cmd, 99, 0xFFFF]))
     flags = draw(st.one_of(st.sampled_from([0, *CmdFlag]), st.integers(0, 0xFFFF)))
-    offset = draw(st.one_of(st.integers(0, 1 << 21).map(lambda v: v // 512 * 512), u64))
-    length = draw(st.one_of(st.sampled_from([0, 512, 4096, 1 << 20, (1 << 20) + 512]), u32))
+    offset = draw(
+        st.one_of(
+            st.integers(0, 1 << 21).map(lambda v: v // 512 * 512), st.integers(0, 1 << 21), u64
+        )
+    )
+    length = draw(st.one_of(st.sampled_from([0, 1, 513, 512, 4096, 1 << 20, (1 << 20) + 512]), u32))
     out = struct.pack(">IHHQQI", magic, flags, int(cmd), 7, offset, length)
     if cmd == Cmd.WRITE and length <= 4096:
         out += bytes(length)
@@ -150,11 +154,18 @@ def request_bytes(draw: st.DrawFn) -> bytes:
     st.binary(max_size=30),
     sizes,
     st.booleans(),
+    st.sampled_from([None, (512, 4096, 1 << 20)]),
 )
 def test_server_transmission_takes_any_bytes(
-    data: bytes, tail: bytes, cuts: list[int], structured: bool
+    data: bytes,
+    tail: bytes,
+    cuts: list[int],
+    structured: bool,
+    block_size: tuple[int, int, int] | None,
 ) -> None:
-    negotiated = Negotiated(structured_replies=structured, meta_contexts={1: "base:allocation"})
+    negotiated = Negotiated(
+        structured_replies=structured, meta_contexts={1: "base:allocation"}, block_size=block_size
+    )
     with contextlib.suppress(ProtocolError):
         drive_server_transmission(chunked(data + tail, cuts), negotiated)
 
@@ -307,6 +318,9 @@ def test_info_and_go_round_trip(
         OptionAck(opt),
     ]
     assert client.state is server.state
+    # binding only as the reply to a GO that asked (doc/proto.md "NBD_INFO_BLOCK_SIZE")
+    agreed = (512, 4096, 1 << 25) if go and Info.BLOCK_SIZE in infos else None
+    assert client.negotiated.block_size == agreed == server.negotiated.block_size
 
 
 @SETTINGS

@@ -85,6 +85,30 @@ def test_request_rules(
     assert bool(message) == (errno is not Errno.OK)
 
 
+@pytest.mark.parametrize(
+    ("cmd", "offset", "length", "negotiated", "errno"),
+    [
+        (Cmd.READ, 1, 513, SIMPLE, Errno.OK),
+        (Cmd.READ, 0, 1, SIMPLE, Errno.OK),
+        (Cmd.READ, SIZE - 1, 1, SIMPLE, Errno.OK),
+        (Cmd.CACHE, 3, 5, SIMPLE, Errno.OK),
+        (Cmd.BLOCK_STATUS, 4097, 100, STRUCTURED, Errno.OK),
+        (Cmd.READ, SIZE - 1, 2, SIMPLE, Errno.EINVAL),  # past the end
+        (Cmd.READ, 1, 4097, SIMPLE, Errno.EINVAL),  # over the maximum payload
+        (Cmd.READ, 1, 0, SIMPLE, Errno.EINVAL),
+    ],
+)
+def test_without_a_minimum_block_size_any_range_of_the_export_is_valid(
+    cmd: int, offset: int, length: int, negotiated: Negotiated, errno: Errno
+) -> None:
+    """A client told no block sizes (doc/proto.md "Size constraints": the default minimum
+    is 1); the maximum payload still holds."""
+    limits = ExportLimits(size=SIZE, flags=RO, max_payload=4096)
+    assert limits.min_block == 1
+    error, _ = check_request(Request(cmd, 0, 7, offset, length), limits, negotiated)
+    assert error is errno
+
+
 def test_oversized_read_is_einval() -> None:
     limits = ExportLimits(size=1 << 30, flags=RO, min_block=512, max_payload=1 << 20)
     error, message = check_request(Request(Cmd.READ, 0, 1, 0, 2 << 20), limits, SIMPLE)

@@ -151,9 +151,9 @@ class RawClient:
                 return replies
         raise AssertionError("no final reply")
 
-    def go(self, export: str = "demo") -> ClientTransmission:
+    def go(self, export: str = "demo", infos: tuple[int, ...] = ()) -> ClientTransmission:
         self.start()
-        replies = self.option(self.hs.opt_go(export))
+        replies = self.option(self.hs.opt_go(export, infos))
         assert isinstance(replies[-1], OptionAck), replies
         assert self.hs.state is State.TRANSMISSION
         self.tx = ClientTransmission(self.hs.negotiated)

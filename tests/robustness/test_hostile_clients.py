@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from erofs_nbdd.protocol import Cmd, Errno, Opt, OptionError, Rep
+from erofs_nbdd.protocol import Cmd, Errno, Info, Opt, OptionError, Rep
 
 from .conftest import RawClient
 
@@ -93,17 +93,26 @@ def test_unknown_options_in_a_loop_hit_the_option_limit(server: RunningServer, r
         (0, 2**32 - 512, Errno.EINVAL),  # over the export and the maximum payload
         (0, (32 << 20) + 512, Errno.EINVAL),  # over the maximum payload
         (0, 0, Errno.EINVAL),  # zero length
-        (100, 512, Errno.EINVAL),  # misaligned
+        (100, 512, Errno.EINVAL),  # misaligned: this GO asked for block sizes, told 512
     ],
 )
 def test_out_of_range_reads_get_einval_and_the_connection_goes_on(
     server: RunningServer, raw: Raw, offset: int, length: int, error: Errno
 ) -> None:
     client = raw(server.address)
-    client.go()
+    client.go(infos=(Info.BLOCK_SIZE,))
     assert client.read(offset, length) == (error, b"")
     image = (server.root / "demo.erofs").read_bytes()
     assert client.read(4096, 4096) == (0, image[4096:8192])
+
+
+def test_a_client_told_no_block_sizes_reads_any_range(server: RunningServer, raw: Raw) -> None:
+    client = raw(server.address)
+    client.go()  # a GO that does not ask for NBD_INFO_BLOCK_SIZE agrees to no alignment
+    image = (server.root / "demo.erofs").read_bytes()
+    assert client.read(100, 512) == (0, image[100:612])
+    assert client.read(len(image) - 1, 1) == (0, image[-1:])
+    assert client.read(len(image) - 1, 2) == (Errno.EINVAL, b"")  # the end still holds
 
 
 def test_slowloris_hits_the_handshake_deadline(server: RunningServer, raw: Raw) -> None:
