@@ -73,8 +73,9 @@ class TLSConfig:
 class Limits:
     #: Seconds a client has from connecting to starting transmission (slowloris guard).
     handshake_timeout: float = 10.0
-    #: Options before GO/EXPORT_NAME; each listed export adds two (nbdinfo --list asks INFO
-    #: for every export it lists).
+    #: Options before GO/EXPORT_NAME. The first LIST lets each export it names be asked
+    #: twice more outside the count (nbdinfo --list asks INFO and LIST_META_CONTEXT of each);
+    #: later ones free nothing, so the budget only goes down.
     max_options: int = 64
     #: Longest option payload accepted.
     max_option_length: int = 16 * 1024

@@ -21,33 +21,50 @@ import argparse
 import os
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from erofs_nbdd.protocol import NEED_DATA, ClientHandshake, Cmd, OptionAck, State, wire
 
 
-def negotiate(address: str, export: str = "demo", source: str | None = None) -> socket.socket:
+def negotiate(
+    address: str, export: str = "demo", source: str | None = None, tls: Path | None = None
+) -> socket.socket:
+    """A socket in transmission with ``export``; over TLS (STARTTLS) with the client
+    certificates in ``tls``."""
     host, _, port = address.rpartition(":")
     bind = (source, 0) if source else None
     sock = socket.create_connection((host, int(port)), timeout=10, source_address=bind)
     hs = ClientHandshake()
-    sent_flags = False
-    for _ in range(10_000):
-        event = hs.next_event()
-        if event is NEED_DATA:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed during the handshake")
-            hs.receive_data(data)
-            continue
-        if not sent_flags:
-            sock.sendall(hs.send_client_flags() + hs.opt_go(export))
-            sent_flags = True
-        elif isinstance(event, OptionAck) and hs.state is State.TRANSMISSION:
-            return sock
-    raise ConnectionError("no GO reply")
+
+    def until(done: Callable[[object], bool]) -> None:
+        for _ in range(10_000):
+            event = hs.next_event()
+            if event is NEED_DATA:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("server closed during the handshake")
+                hs.receive_data(data)
+            elif done(event):
+                return
+        raise ConnectionError("no reply")
+
+    until(lambda _event: True)  # the greeting
+    sock.sendall(hs.send_client_flags())
+    if tls is not None:
+        sock.sendall(hs.opt_starttls())
+        until(lambda event: isinstance(event, OptionAck))
+        hs.start_tls()
+        ctx = ssl.create_default_context(cafile=str(tls / "ca-cert.pem"))
+        ctx.load_cert_chain(tls / "client-cert.pem", tls / "client-key.pem")
+        sock = ctx.wrap_socket(sock, server_hostname="localhost")
+    sock.sendall(hs.opt_go(export))
+    until(lambda event: isinstance(event, OptionAck) and hs.state is State.TRANSMISSION)
+    return sock
 
 
 def _drain(sock: socket.socket, stop: threading.Event) -> None:
@@ -105,9 +122,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="the image's size (hold, trickle)")
     parser.add_argument("--source", help="the local address to connect from")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tls", type=Path, help="client certificates: STARTTLS first")
     args = parser.parse_args()
     until = time.monotonic() + args.seconds
-    sock = negotiate(args.address, source=args.source)
+    sock = negotiate(args.address, source=args.source, tls=args.tls)
     if args.kind == "cache":
         pipeline(sock, Cmd.CACHE, 4096, until)
     elif args.kind == "read512":

@@ -111,9 +111,12 @@ def test_limits_reach_the_config(tmp_path: Path) -> None:
             "5",
             "--max-connection-buffer",
             "1048576",
+            "--max-client-buffer",
+            "4194304",
         ]
     )
     limits = _config(args).limits
+    assert limits.max_client_buffer == 4 << 20
     assert (limits.idle_timeout, limits.max_connections_per_client) == (30, 0)
     assert (limits.reply_timeout, limits.max_connection_buffer) == (5, 1 << 20)
     assert limits.max_connections == 1024  # untouched defaults stay
