@@ -8,9 +8,9 @@ on the loop as before.
 
 The threads have a limiter of their own (trio's default one is shared with file reads):
 ``THREADS``, as many as the CPUs this process may run on and at least two, so one step's
-result travelling back to the loop overlaps the next step (with one thread a burst took
-about 1.7 times as long). A step is never abandoned: a cancelled handshake waits for the
-step in hand, so no two threads ever touch one session.
+result travelling back to the loop (its slot is held until the loop takes it) overlaps
+the next step. A step is never abandoned: a cancelled handshake waits for the step in
+hand, so no two threads ever touch one session.
 """
 
 from __future__ import annotations

@@ -107,7 +107,9 @@ class KernelTLSTransport(TLSSession, SecureTransport):
 
     async def do_handshake(self) -> None:
         """Each step in a worker thread (``handshakes.py``), on the non-blocking socket;
-        waiting for it to turn readable or writable is done here."""
+        waiting for it to turn readable or writable is done here, first for the
+        ClientHello (a step before it would only ask for it)."""
+        await trio.lowlevel.wait_readable(self._fd)
         while True:
             try:
                 await handshakes.step(self._session.do_handshake)

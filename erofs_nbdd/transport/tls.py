@@ -100,8 +100,12 @@ class TLSTransport(TLSSession, SecureTransport):
         self._incoming.write(data)
 
     async def do_handshake(self) -> None:
-        """Each step in a worker thread (``handshakes.py``); feeding and flushing the BIOs
-        between steps, here, while no thread has the session."""
+        """Each step in a worker thread (``handshakes.py``); the BIOs are fed and flushed
+        between steps, here, while no thread has the session. A server receives the
+        ClientHello first: a step before it would only ask for it, a thread's trip for
+        nothing."""
+        if self._session.server_side:
+            await self._receive_handshake()
         while True:
             try:
                 done = await handshakes.step(self._step)
@@ -111,14 +115,17 @@ class TLSTransport(TLSSession, SecureTransport):
             if done:
                 break
             await self._flush()
-            data = await self.inner.receive_some(TRANSPORT_READ)
-            if not data:
-                raise trio.BrokenResourceError("the peer closed during the TLS handshake") from None
-            self._feed(data)
+            await self._receive_handshake()
         if self._sealing is not None:  # before the flush: it looks at what OpenSSL wrote
             self.sealed = self._sealing.take_over(self._session, bool(self._outgoing.pending))
             self._sealing = None
         await self._flush()
+
+    async def _receive_handshake(self) -> None:
+        data = await self.inner.receive_some(TRANSPORT_READ)
+        if not data:
+            raise trio.BrokenResourceError("the peer closed during the TLS handshake")
+        self._feed(data)
 
     def _step(self) -> bool:
         """One ``do_handshake`` (in a thread): True when the handshake is done, False when

@@ -123,13 +123,13 @@ async def test_a_cancelled_handshake_waits_for_its_step(
             step_over.set()
 
     monkeypatch.setattr(TLSTransport, "_step", slow)
-    server, _ = _pair(made_certs)
+    _, client = _pair(made_certs)  # a client steps at once (a server waits for its hello)
     with trio.fail_after(10):
         with trio.move_on_after(0.05) as scope:
-            await server.do_handshake()
+            await client.do_handshake()
     assert scope.cancelled_caught
     assert started.is_set() and step_over.is_set()
-    await server.aclose()
+    await client.aclose()
 
 
 async def test_steps_at_once_are_bounded_by_the_limiter(
