@@ -5,12 +5,15 @@ Python's ssl module shows no session keys; the one way it lets them out is
 (opened through /proc/self/fd), so no secret reaches a disk, and it is read and emptied
 after every handshake step. OpenSSL writes a connection's lines synchronously inside that
 connection's own ``do_handshake`` call, and a line is taken only if it carries the random
-of the connection's own ClientHello; each worker process has its own memfd.
+of the connection's own ClientHello; each worker process has its own memfd. Handshake steps
+run in threads (``handshakes.py``), so a step and the emptying after it hold ``KeyLog.lock``:
+with sealing, one handshake step at a time per process.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,6 +37,10 @@ class KeyLog:
         except OSError:
             os.close(self._fd)
             raise
+        #: Held around a handshake step and the ``take`` after it (``Sealing.stepping``):
+        #: steps run in threads, and a ``take`` must not empty away a line another
+        #: handshake is writing.
+        self.lock = threading.Lock()
 
     def take(self, client_random: bytes) -> bytes | None:
         """Empty the log; the server's traffic secret for the connection whose ClientHello

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import handshakes
 from .base import SecureTransport
 from .lock import FastLock
 from .slices import data_slices, file_slices
@@ -105,9 +106,13 @@ class KernelTLSTransport(TLSSession, SecureTransport):
         return super().describe() + ("+ktls" if self.kernel else "")
 
     async def do_handshake(self) -> None:
+        """Each step in a worker thread (``handshakes.py``), on the non-blocking socket;
+        waiting for it to turn readable or writable is done here, first for the
+        ClientHello (a step before it would only ask for it)."""
+        await trio.lowlevel.wait_readable(self._fd)
         while True:
             try:
-                self._session.do_handshake()
+                await handshakes.step(self._session.do_handshake)
             except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self._fd)
             except ssl.SSLWantWriteError:

@@ -13,6 +13,7 @@ KeyUpdate request by an empty write after each read.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import ssl
 from typing import TYPE_CHECKING, ClassVar
@@ -24,6 +25,8 @@ from .keylog import HELLO_PREFIX, client_random
 from .slices import SEND_SLICE, read_file, slices
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ..ranges import FileRange
     from .base import Transport
     from .keylog import KeyLog
@@ -77,10 +80,17 @@ class Sealing:
         if len(self._hello) < HELLO_PREFIX:
             self._hello += data[: HELLO_PREFIX - len(self._hello)]
 
-    def stepped(self) -> None:
-        """After each ``do_handshake`` step: the traffic secret OpenSSL logged in it."""
-        if (random := client_random(self._hello)) is not None:
-            self._secret = self._keys.take(random) or self._secret
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Around each ``do_handshake`` step (in a worker thread): the traffic secret
+        OpenSSL logged in it is taken after it. The key log's lock is held throughout, as
+        taking empties a log other handshakes write to."""
+        with self._keys.lock:
+            try:
+                yield
+            finally:
+                if (random := client_random(self._hello)) is not None:
+                    self._secret = self._keys.take(random) or self._secret
 
     def take_over(self, session: ssl.SSLObject, openssl_wrote: bool) -> Sealed | None:
         """A sender that seals from now on, if the session allows (see the module). Called

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import handshakes
 from .base import SecureTransport
 from .lock import FastLock
 from .slices import data_slices, file_slices
@@ -99,32 +100,42 @@ class TLSTransport(TLSSession, SecureTransport):
         self._incoming.write(data)
 
     async def do_handshake(self) -> None:
+        """Each step in a worker thread (``handshakes.py``); the BIOs are fed and flushed
+        between steps, here, while no thread has the session. A server receives the
+        ClientHello first: a step before it would only ask for it, a thread's trip for
+        nothing."""
+        if self._session.server_side:
+            await self._receive_handshake()
         while True:
             try:
-                self._session.do_handshake()
-            except ssl.SSLWantReadError:
-                self._stepped()
-                await self._flush()
-                data = await self.inner.receive_some(TRANSPORT_READ)
-                if not data:
-                    raise trio.BrokenResourceError(
-                        "the peer closed during the TLS handshake"
-                    ) from None
-                self._feed(data)
-                continue
+                done = await handshakes.step(self._step)
             except ssl.SSLError as exc:
                 await self._flush_quietly()  # let the peer see our alert
                 raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
-            self._stepped()
-            if self._sealing is not None:  # before the flush: it looks at what OpenSSL wrote
-                self.sealed = self._sealing.take_over(self._session, bool(self._outgoing.pending))
-                self._sealing = None
+            if done:
+                break
             await self._flush()
-            return
+            await self._receive_handshake()
+        if self._sealing is not None:  # before the flush: it looks at what OpenSSL wrote
+            self.sealed = self._sealing.take_over(self._session, bool(self._outgoing.pending))
+            self._sealing = None
+        await self._flush()
 
-    def _stepped(self) -> None:
-        if self._sealing is not None:
-            self._sealing.stepped()
+    async def _receive_handshake(self) -> None:
+        data = await self.inner.receive_some(TRANSPORT_READ)
+        if not data:
+            raise trio.BrokenResourceError("the peer closed during the TLS handshake")
+        self._feed(data)
+
+    def _step(self) -> bool:
+        """One ``do_handshake`` (in a thread): True when the handshake is done, False when
+        OpenSSL waits for the peer."""
+        with self._sealing.stepping() if self._sealing is not None else contextlib.nullcontext():
+            try:
+                self._session.do_handshake()
+            except ssl.SSLWantReadError:
+                return False
+            return True
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
