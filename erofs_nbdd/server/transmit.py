@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,8 +30,6 @@ from .budget import ByteBudget
 from .outcome import ImageFailed, LimitExceeded, ReplyTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from ..config import Limits
     from ..protocol import ServerTransmission
     from ..ranges import FileRange
@@ -39,8 +37,6 @@ if TYPE_CHECKING:
     from ..transport.base import Transport
     from .budget import Share
     from .outcome import Stats
-
-    _Send: TypeAlias = Callable[[bytes | bytearray, FileRange | None], Awaitable[None]]
 
 log = logging.getLogger("erofs_nbdd.connection")
 
@@ -58,17 +54,14 @@ FILE_REPLY_MIN = 64 * 1024
 #: The one meta context we serve, and its id after SET_META_CONTEXT.
 CONTEXT_ID = 1
 #: Fairness: a connection gives up the event loop once it has done this much work since it
-#: last did, whatever the mix. A request costs REQUEST_COST plus the bytes it reads or
-#: caches (CACHE costs like a read: WILLNEED makes the kernel read them), so a pass is at
-#: most 64 small requests or about 4 MiB, well under a millisecond of this process's time.
+#: last did, whatever the mix. A request costs REQUEST_COST plus its length (CACHE costs
+#: like a read: WILLNEED makes the kernel read them; BLOCK_STATUS, which a thread answers,
+#: only yields sooner), so a pass is at most 64 small requests or about 4 MiB, well under a
+#: millisecond of this process's time.
 #: Without it a client pipelining cached reads or CACHE never let the loop go: others'
 #: reads waited seconds and new clients missed the handshake deadline.
 QUANTUM = 4 * 1024 * 1024
 REQUEST_COST = 64 * 1024
-
-
-#: Requests whose length is work for this server or the kernel (BLOCK_STATUS is not).
-_COSTLY = frozenset((Cmd.READ, Cmd.CACHE))
 
 
 class Transmitter:
@@ -102,9 +95,8 @@ class Transmitter:
         self._receive_scope: trio.CancelScope | None = None
         #: Requests waiting for storage; the idle timeout runs only while there are none.
         self.in_flight = 0
-        #: Sends begun and not finished, and sends finished: the reply timeout's measure.
-        self._sending = 0
-        self._sent = 0
+        #: Every reply goes out through this, gathered and counted.
+        self._replies = _Replies(transport)
 
     def stop(self) -> None:
         """Read no more requests; those in flight are still answered."""
@@ -139,38 +131,27 @@ class Transmitter:
         (checked every quarter of it, so it fires between 1 and 1.25 times ``seconds``)."""
         timeout = seconds
         step = timeout / 4
-        stalled, last = 0.0, self._sent
+        replies = self._replies
+        stalled, last = 0.0, replies.sent
         while True:
             await trio.sleep(step)
-            if self._sending and self._sent == last:
+            if replies.sending and replies.sent == last:
                 stalled += step
                 if stalled >= timeout:
                     raise ReplyTimeout(f"client read no reply for {timeout:g} s (reply timeout)")
             else:
                 stalled = 0.0
-            last = self._sent
-
-    async def _send(self, data: bytes | bytearray, file: FileRange | None = None) -> None:
-        """Every reply goes out through here, so the reply timeout sees them all."""
-        self._sending += 1
-        try:
-            if file is None:
-                await self.transport.send_all(data)
-            else:
-                await self.transport.send_file(data, file)
-        finally:
-            self._sending -= 1
-        self._sent += 1
+            last = replies.sent
 
     async def _serve(self) -> None:
         backend, tx = self.backend, self._tx
-        batch = _Batch(self._send)
+        batch = self._replies
         slots = trio.Semaphore(self.limits.max_in_flight)
         work = 0
         async with trio.open_nursery() as nursery:
             while (req := await self._next_request(batch)) is not None:
                 self.stats.requests += 1
-                work += REQUEST_COST + (req.length if req.cmd in _COSTLY else 0)
+                work += REQUEST_COST + req.length
                 if work >= QUANTUM:  # this connection's turn is over: let the others run
                     work = 0
                     await batch.flush()
@@ -202,7 +183,7 @@ class Transmitter:
             await batch.flush()
             # leaving the nursery waits for the requests still in flight (DISC rules)
 
-    async def _next_request(self, batch: _Batch) -> Request | None:
+    async def _next_request(self, batch: _Replies) -> Request | None:
         """The next request; None once the client disconnects or the server stops."""
         tx = self._tx
         while (event := tx.next_event()) is NEED_DATA:
@@ -257,7 +238,7 @@ class Transmitter:
         self.stats.bytes_read += req.length
         return buf
 
-    async def _reply_file(self, batch: _Batch, req: Request, file: FileRange) -> None:
+    async def _reply_file(self, batch: _Replies, req: Request, file: FileRange) -> None:
         head = self._tx.read_reply_header(req.cookie, req.offset, req.length)
         try:
             await batch.flush(head, file)
@@ -270,7 +251,7 @@ class Transmitter:
         self.stats.errors += 1
         return self._tx.error_reply(req.cookie, Errno.EIO, str(exc))
 
-    async def _reserve(self, req: Request, slots: trio.Semaphore, batch: _Batch) -> None:
+    async def _reserve(self, req: Request, slots: trio.Semaphore, batch: _Replies) -> None:
         """A request slot and the reply's bytes in both budgets. While any is short, flush
         what is ready and stop reading requests: that is the backpressure."""
         size = req.length if req.cmd == Cmd.READ else 0
@@ -285,7 +266,7 @@ class Transmitter:
                 await budget.acquire(size)
         self.in_flight += 1
 
-    async def _slow_request(self, req: Request, slots: trio.Semaphore, batch: _Batch) -> None:
+    async def _slow_request(self, req: Request, slots: trio.Semaphore, batch: _Replies) -> None:
         tx = self._tx
         size = req.length if req.cmd == Cmd.READ else 0
         try:
@@ -305,7 +286,7 @@ class Transmitter:
             except ImageUnreadable as exc:
                 reply = self._unreadable(req, exc)
             if len(reply) >= FILE_REPLY_MIN:
-                await self._send(reply)
+                await batch.send(reply)
             else:
                 # Reads that finish together (io_uring and the thread pool both wake them
                 # in one pass) go out in one write: add, let the others add theirs, then
@@ -336,17 +317,22 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-class _Batch:
-    """Replies gathered into one write: at high queue depth, one syscall answers many."""
+class _Replies:
+    """Every reply of a connection goes out through here: small ones gathered into one
+    write (at high queue depth, one syscall answers many), and all of them counted, sends
+    begun and finished, for the reply timeout."""
 
-    def __init__(self, send: _Send) -> None:
-        self._send = send
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
         self._parts: list[bytes | bytearray] = []
         self._size = 0
+        #: Sends begun and not finished, and sends finished.
+        self.sending = 0
+        self.sent = 0
 
-    def add(self, *parts: bytes | bytearray) -> None:
-        self._parts.extend(parts)
-        self._size += sum(len(p) for p in parts) + 1
+    def add(self, part: bytes | bytearray) -> None:
+        self._parts.append(part)
+        self._size += len(part) + 1
 
     @property
     def full(self) -> bool:
@@ -361,7 +347,24 @@ class _Batch:
             return
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         self._parts, self._size = [], 0
-        await self._send(data, file)
+        self.sending += 1
+        try:
+            if file is None:
+                await self._transport.send_all(data)
+            else:
+                await self._transport.send_file(data, file)
+        finally:
+            self.sending -= 1
+        self.sent += 1
+
+    async def send(self, reply: bytes | bytearray) -> None:
+        """One reply alone, now (a large one: copying it into a batch would cost more)."""
+        self.sending += 1
+        try:
+            await self._transport.send_all(reply)
+        finally:
+            self.sending -= 1
+        self.sent += 1
 
 
 def _clip_extents(extents: list[tuple[int, int]], req: Request) -> list[tuple[int, int]]:
