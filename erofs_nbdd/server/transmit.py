@@ -54,12 +54,14 @@ FILE_REPLY_MIN = 64 * 1024
 #: The one meta context we serve, and its id after SET_META_CONTEXT.
 CONTEXT_ID = 1
 #: Fairness: a connection gives up the event loop once it has done this much work since it
-#: last did, whatever the mix. A request costs REQUEST_COST plus its length (CACHE costs
-#: like a read: WILLNEED makes the kernel read them; BLOCK_STATUS, which a thread answers,
-#: only yields sooner), so a pass is at most 64 small requests or about 4 MiB, well under a
-#: millisecond of this process's time.
-#: Without it a client pipelining cached reads or CACHE never let the loop go: others'
-#: reads waited seconds and new clients missed the handshake deadline.
+#: last waited for its client, whatever the mix. A request costs REQUEST_COST plus its
+#: length (CACHE costs like a read: WILLNEED makes the kernel read them; BLOCK_STATUS, which
+#: a thread answers, only yields sooner), so a turn is at most 64 small requests or about
+#: 4 MiB, well under a millisecond of this process's time. Without it a client pipelining
+#: cached reads or CACHE never let the loop go: others' reads waited seconds and new
+#: clients missed the handshake deadline. A connection that waits for its client (at queue
+#: depth 1, or with its reads at the storage) starts a new turn and never pays for a forced
+#: one.
 QUANTUM = 4 * 1024 * 1024
 REQUEST_COST = 64 * 1024
 
@@ -97,6 +99,8 @@ class Transmitter:
         self.in_flight = 0
         #: Every reply goes out through this, gathered and counted.
         self._replies = _Replies(transport)
+        #: Work done since the connection last waited for its client (see QUANTUM).
+        self._work = 0
 
     def stop(self) -> None:
         """Read no more requests; those in flight are still answered."""
@@ -147,13 +151,12 @@ class Transmitter:
         backend, tx = self.backend, self._tx
         batch = self._replies
         slots = trio.Semaphore(self.limits.max_in_flight)
-        work = 0
         async with trio.open_nursery() as nursery:
             while (req := await self._next_request(batch)) is not None:
                 self.stats.requests += 1
-                work += REQUEST_COST + req.length
-                if work >= QUANTUM:  # this connection's turn is over: let the others run
-                    work = 0
+                self._work += REQUEST_COST + req.length
+                if self._work >= QUANTUM:  # this connection's turn is over: let others run
+                    self._work = 0
                     await batch.flush()
                     await trio.lowlevel.checkpoint()
                 if self.verbose:
@@ -213,6 +216,7 @@ class Transmitter:
         data = self.transport.receive_nowait(RECEIVE_SIZE, spin=not waiting)
         if data is not None:
             return data
+        self._work = 0  # the client has sent nothing more: its turn ends here anyway
         idle = self.limits.idle_timeout
         if idle <= 0 or waiting:
             idle = math.inf
