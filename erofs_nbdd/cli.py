@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import gc
 import logging
 import signal
 import sys
@@ -326,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
     tune_malloc()
+    gc.freeze()  # startup objects: the collections that return a burst's memory skip them
     if args.workers == 1:
         return _serve(config, sockets)
     logging.getLogger("erofs_nbdd").info(

@@ -210,8 +210,7 @@ class Server:
         leaves its tasks' frames, which hold reply buffers, in reference cycles (trio
         delivers the cancellation from inside the nursery's exit, and the tracebacks
         keep that frame), and those reach the oldest generation before they are found.
-        Only startup objects are frozen out of it, so it stays a few milliseconds."""
-        gc.freeze()
+        The command line freezes startup objects out of it, so it takes a few ms."""
         while True:
             await trio.sleep(RELEASE_EVERY)
             if self.pool.drained(TRIM_AFTER):
