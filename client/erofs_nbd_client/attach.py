@@ -178,6 +178,7 @@ async def attach(options: AttachOptions) -> devices.Record:
     logs = [helper.log_path] if helper else []
     index: int | None = None
     record: devices.Record | None = None
+    mounted = False
     try:
         identity = await check_erofs(conns[0])
         details = conns[0].details
@@ -224,35 +225,67 @@ async def attach(options: AttachOptions) -> devices.Record:
             targets=[t.to_json() for t in options.targets],
         )
         record.save()
+        if interface == "netlink":  # watching before anything can depend on the device
+            await start_supervisor(record)
         await _mount(index, options)
+        mounted = True
         if interface == "netlink":
             flags = netlink.ClientFlag.DISCONNECT_ON_CLOSE  # a plain umount frees the device
             await trio.to_thread.run_sync(
                 lambda: netlink.reconfigure(index, backend, client_flags=flags)
             )
-            start_supervisor(record)
         return record
     except BaseException:
         with trio.CancelScope(shield=True):
             for conn in conns:
                 await trio.aclose_forcefully(conn.session.stream)
+            if mounted:
+                await trio.run_process(["umount", options.mountpoint], check=False)
             await _undo(index, interface, pids, logs)
             if record is not None:
                 record.remove()
         raise
 
 
-def start_supervisor(record: devices.Record) -> None:
-    """The per-device process that replaces dead connections (netlink devices only)."""
-    from .spawn import spawn
+#: Seconds a new supervisor gets to report ready (Python starting under an emulated CPU
+#: took 8 s here).
+SUPERVISOR_READY = 120
+
+
+async def start_supervisor(record: devices.Record) -> None:
+    """The per-device process that replaces dead connections (netlink devices only);
+    returns once it listens for the kernel's announcements and has checked the device, so
+    no death can fall between attach (or --reattach) returning and the supervisor
+    watching: the kernel announces each one once."""
+    from .spawn import read_line, spawn
 
     log_path = devices.RUN_DIR / f"supervisor-nbd{record.index}.log"
-    pid = spawn("erofs_nbd_client.supervisor", [str(record.index)], [], log_path)
+    ready_r, ready_w = os.pipe()
+    try:
+        pid = spawn(
+            "erofs_nbd_client.supervisor",
+            [str(record.index), str(ready_w)],
+            [ready_w],
+            log_path,
+        )
+    finally:
+        os.close(ready_w)
     record.helper_pids.append(pid)
     for path in (str(log_path), str(devices.state_path(record.index))):
         if path not in record.helper_logs:
             record.helper_logs.append(path)
     record.save()
+    try:
+        line = await trio.to_thread.run_sync(read_line, ready_r, SUPERVISOR_READY)
+    finally:
+        os.close(ready_r)
+    if line != b"ready":
+        reason = line.decode(errors="replace") or f"no report within {SUPERVISOR_READY} s"
+        raise AttachError(
+            ExitStatus.FAILURE,
+            f"the supervisor of /dev/nbd{record.index} did not start: {reason} (its log: "
+            f"{log_path})",
+        )
 
 
 async def _disconnect(index: int, interface: str) -> None:
@@ -312,7 +345,7 @@ async def reattach(index: int) -> int:
     if isinstance(old, int) and devices.pid_alive(old):
         await stop_process(old)  # an upgrade: the new one takes over
     record.helper_pids = [p for p in record.helper_pids if devices.pid_alive(p)]
-    start_supervisor(record)
+    await start_supervisor(record)
     return record.helper_pids[-1]
 
 

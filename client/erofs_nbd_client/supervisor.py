@@ -12,12 +12,14 @@ is disconnected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,6 +28,9 @@ from .bridge import bridge_in_process
 from .connect import check_erofs, open_connections, socket_of
 from .errors import AttachError, ExitStatus
 from .target import Target
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("erofs_nbd_client.supervisor")
 MAX_BACKOFF = 5.0
@@ -50,7 +55,9 @@ class Supervisor:
             **extra,
         )
 
-    async def run(self) -> None:
+    async def run(self, ready: Callable[[], None] = lambda: None) -> None:
+        """Supervise until the device is disconnected; ``ready()`` once subscribed to the
+        kernel's announcements and the device checked (whoever started us waits for it)."""
         group = await trio.to_thread.run_sync(netlink.multicast_group)
         raw = netlink.link_dead_socket(group)
         listener = trio.socket.from_stdlib_socket(raw)
@@ -58,29 +65,35 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self.relays = nursery  # TLS relays of reconnected links live as long as we do
             nursery.start_soon(self._exit_when_disconnected, nursery.cancel_scope)
-            # A link that died while no supervisor listened sent its LINK_DEAD to nobody:
-            # one round now replaces it (RECONFIGURE drops our sockets if nothing is dead).
-            await self._startup_round()
+            # A link that died while no supervisor listened sent its LINK_DEAD to nobody,
+            # and the kernel never says it again: one round now replaces it (RECONFIGURE
+            # drops our sockets if nothing is dead), and if no server answers, the
+            # supervisor keeps trying as after a LINK_DEAD, until one does or the device
+            # goes (the dead timeout).
+            found = await self._round()
             self.publish()
+            ready()
+            cause = None if found else "no server answered the startup check"
             while True:
-                data = await listener.recv(65536)
-                if self.index not in netlink.parse_link_dead(data):
-                    continue
-                cause = "the kernel reported a dead connection (LINK_DEAD)"
-                while True:
-                    await self._reconnect(cause)
-                    # One LINK_DEAD comes per dead socket. Those queued during the round may be
-                    # for sockets it already replaced, or for later deaths: one more round,
-                    # whose RECONFIGURE comes after this drain, covers them all.
-                    if self.index not in _drain(raw):
-                        break
-                    cause = "more connections died meanwhile (LINK_DEAD)"
+                if cause is None:
+                    data = await listener.recv(65536)
+                    if self.index not in netlink.parse_link_dead(data):
+                        continue
+                    cause = "the kernel reported a dead connection (LINK_DEAD)"
+                await self._reconnect(cause)
+                # One LINK_DEAD comes per dead socket. Those queued during the round may be
+                # for sockets it already replaced, or for later deaths: one more round,
+                # whose RECONFIGURE comes after this drain, covers them all.
+                cause = "more connections died meanwhile (LINK_DEAD)"
+                if self.index not in _drain(raw):
+                    cause = None
 
-    async def _startup_round(self) -> None:
+    async def _round(self) -> bool:
+        """One attempt along the server list; whether a server took over the device."""
         for target in self.targets:
             if await self._try(target):
-                return
-        log.info("/dev/nbd%d: startup check found no server; relying on LINK_DEAD", self.index)
+                return True
+        return False
 
     async def _exit_when_disconnected(self, scope: trio.CancelScope) -> None:
         while devices.is_connected(self.index):
@@ -95,21 +108,20 @@ class Supervisor:
         log.warning("/dev/nbd%d: %s; reconnecting", self.index, cause)
         delay = 0.2
         while devices.is_connected(self.index):
-            for target in self.targets:
-                if await self._try(target):
-                    waited = time.monotonic() - started
-                    self.reconnects += 1
-                    self.state = "watching"
-                    self.publish(last_wait=round(waited, 3), cause=cause)
-                    log.warning(
-                        "/dev/nbd%d: reconnected to %s after %.1f s (reconnect %d; cause: %s)",
-                        self.index,
-                        target.describe(),
-                        waited,
-                        self.reconnects,
-                        cause,
-                    )
-                    return
+            if await self._round():
+                waited = time.monotonic() - started
+                self.reconnects += 1
+                self.state = "watching"
+                self.publish(last_wait=round(waited, 3), cause=cause)
+                log.warning(
+                    "/dev/nbd%d: reconnected to %s after %.1f s (reconnect %d; cause: %s)",
+                    self.index,
+                    self.record.server,
+                    waited,
+                    self.reconnects,
+                    cause,
+                )
+                return
             await trio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
 
@@ -174,15 +186,30 @@ def _drain(raw: socket.socket) -> list[int]:
             return out
 
 
-async def main_async(index: int) -> int:
+async def main_async(index: int, ready_fd: int | None = None) -> int:
+    """Supervise /dev/nbdINDEX; ``ready_fd``, a pipe to whoever started us, gets "ready"
+    once we listen and have checked the device, or the reason we cannot."""
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, line.encode() + b"\n")
+                os.close(ready_fd)
+
     record = devices.load_record(index)
     if record is None:
+        report(f"no record for /dev/nbd{index} in {devices.RUN_DIR}")
         log.error("no record for /dev/nbd%d in %s", index, devices.RUN_DIR)
         return 1
     if devices.backend_of(index) != record.backend:
+        report(f"/dev/nbd{index} is not the device the record describes")
         log.error("/dev/nbd%d is not the device the record describes", index)
         return 1
-    await Supervisor(record).run()
+    try:
+        await Supervisor(record).run(ready=lambda: report("ready"))
+    except BaseException as exc:
+        report(f"supervisor failed: {exc!r}")
+        raise
     return 0
 
 
@@ -193,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s supervisor[%(process)d] %(levelname)s: %(message)s",
     )
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # bridges it starts are reaped by the kernel
-    return trio.run(main_async, int(args[0]))
+    ready_fd = int(args[1]) if len(args) > 1 else None
+    return trio.run(main_async, int(args[0]), ready_fd)
 
 
 if __name__ == "__main__":

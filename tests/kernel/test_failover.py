@@ -216,6 +216,38 @@ def test_reattach_then_restart(
     detach_clean(mountpoint)
 
 
+def test_a_death_no_supervisor_heard_is_recovered(
+    images: Path,
+    source_tree: Path,
+    certs: Path,
+    mountpoint: Path,
+    servers: list[RunningServer],
+) -> None:
+    """The kernel announces a dead connection once, to whoever listens then. Here the
+    server dies while no supervisor runs, and a new one (--reattach) starts while it is
+    still down: its startup check finds no server. It used to log "relying on LINK_DEAD"
+    and wait for an announcement that had already gone, so reads hung until the dead
+    timeout failed them. It now keeps reconnecting until the server is back."""
+    servers.append(_serve(images, certs, False, PORT_A))
+    index = attach(mountpoint, f"127.0.0.1:{PORT_A}")
+    reader = Reader(mountpoint, file_digests(source_tree)).start()
+    reader.wait_passes(1)
+    old = devices.read_state(index)["pid"]
+    assert isinstance(old, int)
+    os.kill(old, signal.SIGKILL)
+    kill(servers[-1])  # announced to nobody
+    result = cli("erofs-nbd-attach", "--reattach", f"/dev/nbd{index}")
+    assert result.returncode == 0, result.stderr  # it returns once the new one watches
+    time.sleep(2)
+    servers.append(_serve(images, certs, False, PORT_A))
+    state = wait_state(index, state="watching", min_reconnects=1, not_pid=old)
+    assert state["cause"] == "no server answered the startup check"
+    reader.wait_passes(2)
+    reader.finish()
+    assert reader.errors == []
+    detach_clean(mountpoint)
+
+
 def test_a_different_image_is_refused(
     images: Path,
     source_tree: Path,
