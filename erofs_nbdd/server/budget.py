@@ -82,8 +82,12 @@ class Pool:
 
     def leave(self, share: Share) -> None:
         share.connections -= 1
+        self._forget_if_idle(share)
+
+    def _forget_if_idle(self, share: Share) -> None:
+        """An address with no connection and nothing held is forgotten."""
         if share.connections == 0 and share.held == 0:
-            del self._shares[share.address]
+            self._shares.pop(share.address, None)
 
     def connections(self, address: str) -> int:
         share = self._shares.get(address)
@@ -136,6 +140,5 @@ class Share:
         pool = self.pool
         pool.free += n
         self.held -= n
-        if self.connections == 0 and self.held == 0:
-            pool._shares.pop(self.address, None)
+        pool._forget_if_idle(self)
         pool._changed_now()

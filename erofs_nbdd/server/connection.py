@@ -106,7 +106,6 @@ class Connection:
         self._backend: Backend | None = None
         self._export: Export | None = None
         self._options = 0
-        self._option_budget = config.limits.max_options
         #: After the first LIST: the questions each listed export may still get for free.
         self._listed: dict[str, int] | None = None
         #: This client address's part of the server-wide reply budget.
@@ -177,8 +176,8 @@ class Connection:
                 continue
             if not self._listed_free(event):
                 self._options += 1
-                if self._options > self._option_budget:
-                    raise LimitExceeded(f"more than {self._option_budget} options before GO")
+                if self._options > self.limits.max_options:
+                    raise LimitExceeded(f"more than {self.limits.max_options} options before GO")
             await self._answer(event)
         if hs.state is State.CLOSED:
             self.stats.ended = "abort"

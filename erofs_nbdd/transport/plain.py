@@ -80,11 +80,8 @@ class PlainTransport(Transport):
             while sent < len(view):
                 n = self._write_nowait(view[sent:])
                 if not n:
-                    await self._wait_writable()
+                    await trio.lowlevel.wait_writable(self._fd)
                 sent += n
-
-    async def _wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self._fd)
 
     async def send_file(self, head: bytes | bytearray, file: FileRange) -> None:
         """``head``, then the file's bytes by ``os.sendfile``: the kernel sends them from the
@@ -98,7 +95,7 @@ class PlainTransport(Transport):
                 try:
                     sent = os.sendfile(self._fd, file.fd, offset, end - offset)
                 except BlockingIOError:
-                    await self._wait_writable()
+                    await trio.lowlevel.wait_writable(self._fd)
                     continue
                 except OSError as exc:
                     if exc.errno in _PEER_ERRORS:
