@@ -31,14 +31,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("erofs_nbd_client")
 
+#: Seconds the kernel gives one request before it requeues it on a live connection. The
+#: kernel retries a request lost with a dead connection only then (``nbd_xmit_timeout``:
+#: ``recv_work`` only marks the socket dead), so this bounds what a crash costs a mounted
+#: image; a request a live server takes longer over is retried on a new connection, not
+#: failed. Raise it on links too slow to move a full queue (up to 128 requests per
+#: connection, 128 KiB each with the default readahead) in this time.
+REQUEST_TIMEOUT = 4
+#: Seconds I/O waits for a dead connection to be replaced before it fails.
+DEAD_TIMEOUT = 300
+
 
 @dataclass(frozen=True)
 class AttachOptions:
     targets: list[Target]  # tried in order; the supervisor fails over along the same list
     mountpoint: str
     connections: int = 1
-    timeout: int = 30  # seconds the kernel waits for one request
-    dead_timeout: int = 60  # seconds I/O waits on a dead connection before EIO
+    timeout: int = REQUEST_TIMEOUT  # seconds the kernel waits for one request
+    dead_timeout: int = DEAD_TIMEOUT  # seconds I/O waits on a dead connection before EIO
     mount_options: str = ""
     device: int | None = None
 

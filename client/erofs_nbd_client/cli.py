@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import __version__, devices, netlink
-from .attach import AttachOptions, attach, detach, reattach
+from .attach import DEAD_TIMEOUT, REQUEST_TIMEOUT, AttachOptions, attach, detach, reattach
 from .errors import AttachError, ExitStatus
 from .target import parse_target
 
@@ -63,12 +63,17 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--connections", type=int, default=1, metavar="N")
     parser.add_argument(
-        "--timeout", type=int, default=30, metavar="S", help="kernel per-request timeout"
+        "--timeout",
+        type=int,
+        default=REQUEST_TIMEOUT,
+        metavar="S",
+        help="kernel per-request timeout: a request lost with a dead connection is retried "
+        "after this long; a slower one is retried on a new connection",
     )
     parser.add_argument(
         "--dead-timeout",
         type=int,
-        default=300,
+        default=DEAD_TIMEOUT,
         metavar="S",
         help="how long I/O waits for the supervisor to replace a dead connection",
     )

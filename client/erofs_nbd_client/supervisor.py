@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -33,7 +34,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger("erofs_nbd_client.supervisor")
-MAX_BACKOFF = 5.0
+#: Reconnect attempts: the first at once, then after FIRST_BACKOFF, doubling up to
+#: MAX_BACKOFF, each drawn from half to all of that so that the clients of a restarted server
+#: do not all come back in step. A server back after D seconds is found within about D + 1 s:
+#: the cap, not the timeouts, is what a restart costs beyond its own length. Each attempt is
+#: one connection (a refused one costs nothing).
+FIRST_BACKOFF = 0.1
+MAX_BACKOFF = 1.0
 
 
 class Supervisor:
@@ -106,7 +113,7 @@ class Supervisor:
         self.state = "reconnecting"
         self.publish(cause=cause)
         log.warning("/dev/nbd%d: %s; reconnecting", self.index, cause)
-        delay = 0.2
+        delay = FIRST_BACKOFF
         while devices.is_connected(self.index):
             if await self._round():
                 waited = time.monotonic() - started
@@ -122,7 +129,7 @@ class Supervisor:
                     cause,
                 )
                 return
-            await trio.sleep(delay)
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, MAX_BACKOFF)
 
     async def _try(self, target: Target) -> bool:

@@ -131,9 +131,10 @@ class Connection:
     # -- whole life ----------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Server shutdown: end a handshake at once; in transmission, read no more requests
-        but let those in flight finish (the server bounds how long). A connection whose
-        ending is already known (a DISC read while it closes what it opened) keeps it."""
+        """Server shutdown: end a handshake at once; in transmission, close at the first
+        quiet moment, answering every request read until then (the server bounds how
+        long). A connection whose ending is already known (a DISC read while it closes
+        what it opened) keeps it."""
         if self.stats.ended == "closed":
             self.stats.ended = "server shutdown"
         self._stopping = True

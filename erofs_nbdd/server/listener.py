@@ -342,7 +342,8 @@ class Server:
         return None
 
     def shutdown(self) -> None:
-        """Stop accepting, stop reading new requests, give in-flight ones the grace period."""
+        """Stop accepting (a server started on the same port takes the new connections);
+        each connection closes at its first quiet moment, within the grace period."""
         self._accepting.cancel()
         for conn in list(self.connections):
             conn.stop()

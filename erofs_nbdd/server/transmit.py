@@ -64,6 +64,11 @@ CONTEXT_ID = 1
 #: one.
 QUANTUM = 4 * 1024 * 1024
 REQUEST_COST = 64 * 1024
+#: Stopping, a connection closes once it has had nothing in flight and received nothing
+#: for this long: the client sees EOF between requests, none lost. Sooner, and a client
+#: reading without pause would often send its next request as the close crosses it: the
+#: kernel retries such a request only when its timeout fires (see README, "Restarts").
+QUIET = 0.1
 
 
 class Transmitter:
@@ -103,7 +108,8 @@ class Transmitter:
         self._work = 0
 
     def stop(self) -> None:
-        """Read no more requests; those in flight are still answered."""
+        """The server stops: close at the first quiet moment (``QUIET``); until then,
+        requests are still read and answered."""
         self._stopping = True
         if self._receive_scope is not None:
             self._receive_scope.cancel()
@@ -193,7 +199,7 @@ class Transmitter:
             await batch.flush()  # about to wait for the client: send what is ready first
             data = await self._receive()
             if data is None:
-                return None  # server shutdown: answer what is in flight, then close
+                return None  # server shutdown, at a quiet moment: nothing is in flight
             if not data:
                 self.stats.ended = "client closed without NBD_CMD_DISC"
                 return None
@@ -204,28 +210,41 @@ class Transmitter:
         return event
 
     async def _receive(self) -> bytes | bytearray | None:
-        """Bytes of further requests; None once the server is stopping. Only this wait is
-        ever cancelled by a shutdown, never a reply being written. What has already arrived
-        when it stops is still read (a DISC sent just before, say); the grace period bounds
-        a client that keeps sending."""
-        if self._stopping:
-            return self.transport.receive_nowait(RECEIVE_SIZE) or None
-        waiting = self.in_flight > 0
-        # No spin while a read waits for storage: the spin would delay its result (on a
-        # thread, it kept the GIL from it: cold 4 KiB reads at QD1 took 450 us, not 380).
-        data = self.transport.receive_nowait(RECEIVE_SIZE, spin=not waiting)
-        if data is not None:
-            return data
-        self._work = 0  # the client has sent nothing more: its turn ends here anyway
-        idle = self.limits.idle_timeout
-        if idle <= 0 or waiting:
-            idle = math.inf
-        with trio.CancelScope() as scope:
-            self._receive_scope = scope
-            with trio.move_on_after(idle):
+        """Bytes of further requests; None once the server is stopping and the connection
+        has been quiet (``_receive_until_quiet``). Only this wait is ever cancelled by a
+        shutdown, never a reply being written."""
+        if not self._stopping:
+            waiting = self.in_flight > 0
+            # No spin while a read waits for storage: the spin would delay its result (on
+            # a thread, it kept the GIL from it: cold 4 KiB reads at QD1 took 450 us, not
+            # 380).
+            data = self.transport.receive_nowait(RECEIVE_SIZE, spin=not waiting)
+            if data is not None:
+                return data
+            self._work = 0  # the client has sent nothing more: its turn ends here anyway
+            idle = self.limits.idle_timeout
+            if idle <= 0 or waiting:
+                idle = math.inf
+            with trio.CancelScope() as scope:
+                self._receive_scope = scope
+                with trio.move_on_after(idle):
+                    return await self.transport.receive_some(RECEIVE_SIZE)
+                raise LimitExceeded(f"no request for {idle:g} s (idle timeout)")
+        return await self._receive_until_quiet()  # stopped, maybe while waiting
+
+    async def _receive_until_quiet(self) -> bytes | bytearray | None:
+        """Stopping: requests are still read (and answered) until nothing has been in
+        flight and nothing has arrived for ``QUIET``; then None, and the connection
+        closes between requests. The grace period bounds a client that never pauses."""
+        while True:
+            data = self.transport.receive_nowait(RECEIVE_SIZE)
+            if data is not None:
+                return data
+            quiet = self.in_flight == 0  # no reply to come: the client may be done
+            with trio.move_on_after(QUIET):
                 return await self.transport.receive_some(RECEIVE_SIZE)
-            raise LimitExceeded(f"no request for {idle:g} s (idle timeout)")
-        return self.transport.receive_nowait(RECEIVE_SIZE) or None  # stopped while waiting
+            if quiet:
+                return None
 
     def _read_cached(self, req: Request) -> bytes | bytearray | None:
         """The whole reply to a READ the page cache holds, or None if it must wait."""

@@ -2,11 +2,18 @@
 
 Binding is plain blocking socket code on purpose: with ``--workers N`` the sockets are bound
 once, before any worker process starts, and every worker accepts from the same ones.
+
+TCP sockets are bound with SO_REUSEPORT, so a new server can listen on the port while the
+old one finishes its connections (the upgrade procedure in README): Linux shares a port only
+between sockets of the same user, and the kernel spreads new connections over them until
+the old server stops accepting. A port another of our servers already holds is logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import socket
 import stat
 from dataclasses import dataclass
@@ -14,7 +21,11 @@ from pathlib import Path
 
 from .address import parse_port, split_host_port
 
+log = logging.getLogger("erofs_nbdd.server")
+
 BACKLOG = 1024
+#: Not every platform has it; without it a port is held by one server at a time.
+REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
 
 
 class ListenError(ValueError):
@@ -86,14 +97,39 @@ def _bind(spec: ListenSpec) -> list[socket.socket]:
     return socks
 
 
+def _held(family: int, address: tuple[object, ...]) -> bool:
+    """Whether a listening socket already holds ``address`` (a bind without SO_REUSEPORT
+    fails then; a fixed port only)."""
+    if REUSEPORT is None or address[1] == 0:
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def _listening(family: int, address: str | tuple[object, ...]) -> socket.socket:
+    shared = not isinstance(address, str) and _held(family, address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if REUSEPORT is not None:
+                sock.setsockopt(socket.SOL_SOCKET, REUSEPORT, 1)
         if family == socket.AF_INET6:  # "::" must not also claim the v4 port we bind next
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
+        if shared:
+            log.warning(
+                "another server of this user listens on %s too: new connections are shared "
+                "with it until it stops (an upgrade: now stop the old one with SIGTERM)",
+                describe(sock),
+            )
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:

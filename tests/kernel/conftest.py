@@ -152,10 +152,16 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
     mp = tmp_path / "mnt"
     mp.mkdir()
     yield mp
-    if os.path.ismount(mp):  # a failed test must not leave a mount behind for the next
+    # A failed test must leave nothing behind for the next: no mount, device, helper,
+    # record or log (what is left is printed first, for the failure's report).
+    if os.path.ismount(mp):
         subprocess.run(["umount", "-l", str(mp)], check=False)
-    for index in connected_devices():
+    left = {*connected_devices(), *(r.index for r in devices.all_records())}
+    for index in sorted(left):
         subprocess.run([str(BIN / "erofs-nbd-detach"), f"/dev/nbd{index}"], check=False)
+    for path in sorted(RUN_DIR.glob("*")) if RUN_DIR.exists() else []:
+        print(f"left behind: {path}:\n{path.read_text(errors='replace')[-4000:]}")
+        path.unlink()
 
 
 def start_peer(cmd: list[str], port: int) -> subprocess.Popen[bytes]:

@@ -7,6 +7,8 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,10 +17,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from erofs_nbd_client import devices
+from erofs_nbd_client.attach import REQUEST_TIMEOUT
 
 from ..conftest import mkfs
 from ..interop.conftest import RunningServer, start_server_process, stop_server_process
-from .conftest import assert_nothing_left, cli, wait_state
+from .conftest import BIN, assert_nothing_left, cli, require_tool, start_peer, wait_state
 
 # Server kills, restarts and TLS reconnects under an emulated CPU (TCG) take minutes.
 pytestmark = pytest.mark.timeout(600)
@@ -40,13 +43,15 @@ def file_digests(root: Path) -> dict[str, str]:
 
 @dataclass
 class Reader:
-    """Reads every file again and again (page cache dropped each pass, so every pass goes
-    to NBD) and records any wrong byte or I/O error."""
+    """Reads every file again and again (page cache dropped each round, so every round
+    goes to NBD), records any wrong byte or I/O error, and how long each round took."""
 
     mountpoint: Path
     expect: dict[str, str]
     passes: int = 0
     errors: list[str] = field(default_factory=list)
+    #: (start, end) of each finished round, monotonic seconds.
+    rounds: list[tuple[float, float]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -57,6 +62,7 @@ class Reader:
 
     def _run(self) -> None:
         while not self.stop.is_set():
+            began = time.monotonic()
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
             for rel, digest in self.expect.items():
@@ -67,6 +73,7 @@ class Reader:
                     continue
                 if got != digest:
                     self.errors.append(f"{rel}: wrong bytes")
+            self.rounds.append((began, time.monotonic()))
             self.passes += 1
 
     def wait_passes(self, n: int, timeout: float = 120) -> None:
@@ -76,11 +83,50 @@ class Reader:
             time.sleep(0.1)
         assert self.passes >= target, f"reader stuck at {self.passes} passes"
 
+    def quiet(self) -> float:
+        """The slowest round so far: the baseline, taken before anything happens."""
+        self.wait_passes(3)
+        return max(end - began for began, end in self.rounds)
+
+    def slowest_since(self, moment: float) -> float:
+        return max(end - began for began, end in self.rounds if end > moment)
+
     def finish(self) -> None:
         self.stop.set()
         assert self.thread is not None
         self.thread.join(120)
         assert not self.thread.is_alive()
+
+
+@dataclass
+class Stall:
+    """What an event cost the reader: its slowest round from the event on, against the
+    slowest of three quiet ones before it."""
+
+    reader: Reader
+    quiet: float
+    moment: float
+
+    @classmethod
+    def before(cls, reader: Reader) -> Stall:
+        quiet = reader.quiet()
+        return cls(reader, quiet, time.monotonic())
+
+    def check(self, what: str, bound: float | None) -> float:
+        """After the recovery: two more rounds, no failed read, and at most ``bound``
+        seconds added to the slowest round; returns what was added (printed, for README)."""
+        self.reader.wait_passes(2)
+        self.reader.finish()
+        assert self.reader.errors == []
+        slowest = self.reader.slowest_since(self.moment)
+        added = slowest - self.quiet
+        print(
+            f"STALL {what}: slowest round {slowest:.2f} s, quiet {self.quiet:.2f} s, "
+            f"added {added:.2f} s"
+        )
+        if bound is not None:
+            assert added <= bound, f"{what} added {added:.2f} s to the slowest round"
+        return added
 
 
 def kill(server: RunningServer) -> None:
@@ -130,24 +176,66 @@ def _server_arg(tls: bool, certs: Path, port: int) -> list[str]:
     return [f"127.0.0.1:{port}"]
 
 
-def restart_while_reading(
-    reader: Reader, servers: list[RunningServer], index: int, restart: Callable[[], RunningServer]
+#: What the issue allows an event to add to the reader's slowest round (the README states
+#: the figures measured). A planned restart is a clean EOF at a quiet moment and a
+#: reconnect; a crash loses the requests in flight until their timeout requeues them
+#: (--timeout, 4 s, fired by the block layer's timer, which rounds up to the next second).
+PLANNED_BOUND = 1.5
+CRASH_BOUND = 6.0
+
+
+def crash_and_restart(
+    reader: Reader,
+    servers: list[RunningServer],
+    index: int,
+    restart: Callable[[], RunningServer],
+    what: str,
 ) -> dict[str, object]:
-    """Kill the newest server, start it again 2 s later, and check the reader saw every byte
-    right throughout; returns the supervisor's state after the reconnect."""
-    reader.wait_passes(1)
+    """SIGKILL the newest server and start it again 2 s later while the reader reads; the
+    stall it adds beyond the time the server was away is bounded. Returns the
+    supervisor's state after the reconnect."""
+    stall = Stall.before(reader)
     kill(servers[-1])
     time.sleep(2)
     servers.append(restart())
+    away = time.monotonic() - stall.moment  # 2 s, and the new server's start
     state = wait_state(index, state="watching", min_reconnects=1)
-    reader.wait_passes(2)
-    reader.finish()
-    assert reader.errors == []
+    print(f"STALL {what}: the server was away {away:.2f} s")
+    stall.check(what, CRASH_BOUND + away - 2)
     return state
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_server_restart(
+def test_planned_restart(
+    images: Path,
+    source_tree: Path,
+    certs: Path,
+    mountpoint: Path,
+    servers: list[RunningServer],
+    mode: str,
+) -> None:
+    """The upgrade procedure: a new server on the same port (SO_REUSEPORT), then SIGTERM
+    to the old one, which closes each connection at a quiet moment: a clean EOF with
+    nothing in flight, so the kernel loses no request and the supervisor moves over."""
+    tls = mode.startswith("tls")
+    servers.append(_serve(images, certs, tls, PORT_A))
+    index = attach(mountpoint, *_server_arg(tls, certs, PORT_A), *MODES[mode])
+    reader = Reader(mountpoint, file_digests(source_tree)).start()
+    stall = Stall.before(reader)
+    servers.append(_serve(images, certs, tls, PORT_A))
+    assert stop_server_process(servers[0]) == 0
+    old = servers[0].log_text()
+    assert "grace period over" not in old
+    assert "ended=server shutdown" in old
+    wait_state(index, state="watching", min_reconnects=1)
+    stall.check(f"planned restart, {mode}", PLANNED_BOUND)
+    log = (devices.RUN_DIR / f"supervisor-nbd{index}.log").read_text()
+    assert "LINK_DEAD" in log
+    detach_clean(mountpoint)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_crash_and_restart(
     images: Path,
     source_tree: Path,
     certs: Path,
@@ -159,8 +247,8 @@ def test_server_restart(
     servers.append(_serve(images, certs, tls, PORT_A))
     index = attach(mountpoint, *_server_arg(tls, certs, PORT_A), *MODES[mode])
     reader = Reader(mountpoint, file_digests(source_tree)).start()
-    state = restart_while_reading(
-        reader, servers, index, lambda: _serve(images, certs, tls, PORT_A)
+    state = crash_and_restart(
+        reader, servers, index, lambda: _serve(images, certs, tls, PORT_A), f"crash, {mode}"
     )
     assert state["server"] == ("nbds" if tls else "nbd") + f"://127.0.0.1:{PORT_A}/demo"
     log = (devices.RUN_DIR / f"supervisor-nbd{index}.log").read_text()
@@ -169,39 +257,43 @@ def test_server_restart(
     detach_clean(mountpoint)
 
 
+@pytest.mark.parametrize("connections", [1, 2])
 def test_failover_to_a_second_server(
     images: Path,
     source_tree: Path,
     certs: Path,
     mountpoint: Path,
     servers: list[RunningServer],
+    connections: int,
 ) -> None:
     servers.append(_serve(images, certs, False, PORT_A))
     servers.append(_serve(images, certs, False, PORT_B))
-    index = attach(mountpoint, f"127.0.0.1:{PORT_A},127.0.0.1:{PORT_B}")
+    index = attach(
+        mountpoint,
+        f"127.0.0.1:{PORT_A},127.0.0.1:{PORT_B}",
+        "--connections",
+        str(connections),
+    )
     reader = Reader(mountpoint, file_digests(source_tree)).start()
-    reader.wait_passes(1)
+    stall = Stall.before(reader)
     kill(servers[0])  # gone for good
     state = wait_state(index, state="watching", min_reconnects=1)
     assert state["server"] == f"nbd://127.0.0.1:{PORT_B}/demo"
-    reader.wait_passes(2)
-    reader.finish()
-    assert reader.errors == []
+    stall.check(f"failover, {connections} connection(s)", CRASH_BOUND)
     detach_clean(mountpoint)
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_reattach_then_restart(
+def test_reattach_then_crash(
     images: Path,
     source_tree: Path,
     certs: Path,
     mountpoint: Path,
     servers: list[RunningServer],
-    mode: str,
 ) -> None:
-    tls = mode.startswith("tls")
-    servers.append(_serve(images, certs, tls, PORT_A))
-    index = attach(mountpoint, *_server_arg(tls, certs, PORT_A), *MODES[mode])
+    """A supervisor started by --reattach (its predecessor killed) handles a crash like
+    the first one (TLS: it relays reconnected links itself)."""
+    servers.append(_serve(images, certs, True, PORT_A))
+    index = attach(mountpoint, *_server_arg(True, certs, PORT_A), *MODES["tls-4"])
     reader = Reader(mountpoint, file_digests(source_tree)).start()
     old = devices.read_state(index)["pid"]
     assert isinstance(old, int)
@@ -212,22 +304,37 @@ def test_reattach_then_restart(
     assert result.returncode == 0, result.stderr
     new = wait_state(index, state="watching", not_pid=old)["pid"]
     assert new != old
-    restart_while_reading(reader, servers, index, lambda: _serve(images, certs, tls, PORT_A))
+    crash_and_restart(
+        reader, servers, index, lambda: _serve(images, certs, True, PORT_A), "reattach, crash"
+    )
     detach_clean(mountpoint)
 
 
-def test_a_death_no_supervisor_heard_is_recovered(
+#: Put first on a supervisor's PYTHONPATH, this holds its start back: the kernel's one
+#: LINK_DEAD then goes out while nobody listens, as on a slow machine.
+HOLD_SUPERVISOR = """\
+import sys, time
+if "erofs_nbd_client.supervisor" in sys.orig_argv:
+    time.sleep(float({seconds!r}))
+"""
+
+
+def test_a_death_while_the_supervisor_starts_is_recovered(
     images: Path,
     source_tree: Path,
     certs: Path,
     mountpoint: Path,
     servers: list[RunningServer],
+    tmp_path: Path,
 ) -> None:
     """The kernel announces a dead connection once, to whoever listens then. Here the
-    server dies while no supervisor runs, and a new one (--reattach) starts while it is
-    still down: its startup check finds no server. It used to log "relying on LINK_DEAD"
-    and wait for an announcement that had already gone, so reads hung until the dead
-    timeout failed them. It now keeps reconnecting until the server is back."""
+    server dies while a new supervisor (--reattach) is held back from starting, and is
+    still down when it checks the device. It used to log "relying on LINK_DEAD" and wait
+    for an announcement that had already gone, so reads hung until the dead timeout
+    failed them. It now keeps reconnecting until the server is back."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(HOLD_SUPERVISOR.format(seconds=3))
     servers.append(_serve(images, certs, False, PORT_A))
     index = attach(mountpoint, f"127.0.0.1:{PORT_A}")
     reader = Reader(mountpoint, file_digests(source_tree)).start()
@@ -235,10 +342,17 @@ def test_a_death_no_supervisor_heard_is_recovered(
     old = devices.read_state(index)["pid"]
     assert isinstance(old, int)
     os.kill(old, signal.SIGKILL)
-    kill(servers[-1])  # announced to nobody
-    result = cli("erofs-nbd-attach", "--reattach", f"/dev/nbd{index}")
-    assert result.returncode == 0, result.stderr  # it returns once the new one watches
-    time.sleep(2)
+    env = {**os.environ, "PYTHONPATH": f"{hold}:{os.environ.get('PYTHONPATH', '')}"}
+    reattach = subprocess.Popen(
+        [str(BIN / "erofs-nbd-attach"), "--reattach", f"/dev/nbd{index}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    kill(servers[-1])  # while the new supervisor is held back: announced to nobody
+    out, _ = reattach.communicate(timeout=120)
+    assert reattach.returncode == 0, out  # it returns once the new one watches
     servers.append(_serve(images, certs, False, PORT_A))
     state = wait_state(index, state="watching", min_reconnects=1, not_pid=old)
     assert state["cause"] == "no server answered the startup check"
@@ -246,6 +360,46 @@ def test_a_death_no_supervisor_heard_is_recovered(
     reader.finish()
     assert reader.errors == []
     detach_clean(mountpoint)
+
+
+def test_a_slow_live_server_is_retried_not_failed(
+    images: Path, source_tree: Path, mountpoint: Path, tmp_path: Path
+) -> None:
+    """nbdkit's pause filter holds every request for three request timeouts: the kernel
+    requeues each request that times out on a new connection ("Connection timed out,
+    retrying"), the supervisor reconnects, and once nbdkit resumes every read completes:
+    a slow server costs time, never an error."""
+    control = tmp_path / "pause.sock"
+    nbdkit = start_peer(
+        [
+            require_tool("nbdkit"),
+            *("-f", "-r", "-i", "127.0.0.1", "-p", str(PORT_B), "--filter=pause"),
+            *("file", str(images / "demo.erofs"), f"pause-control={control}"),
+        ],
+        PORT_B,
+    )
+    try:
+        index = attach(mountpoint, f"127.0.0.1:{PORT_B}")
+        reader = Reader(mountpoint, file_digests(source_tree)).start()
+        reader.wait_passes(1)
+        with socket.socket(socket.AF_UNIX) as ctl:
+            ctl.settimeout(30)
+            ctl.connect(str(control))
+            ctl.sendall(b"p")
+            assert ctl.recv(1) == b"P"
+            time.sleep(3 * REQUEST_TIMEOUT)
+            ctl.sendall(b"r")
+            assert ctl.recv(1) == b"R"
+        wait_state(index, state="watching", min_reconnects=1)
+        reader.wait_passes(2)
+        reader.finish()
+        assert reader.errors == []
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        assert "Connection timed out, retrying" in kernel
+        detach_clean(mountpoint)
+    finally:
+        nbdkit.terminate()
+        nbdkit.communicate(timeout=10)
 
 
 def test_a_different_image_is_refused(
