@@ -85,11 +85,13 @@ async def ensure_kernel_support() -> str:
     return "ioctl"
 
 
-async def open_for_kernel(target: Target, count: int) -> tuple[list[Connection], Helper | None]:
+async def open_for_kernel(
+    target: Target, count: int, targets: list[Target]
+) -> tuple[list[Connection], Helper | None]:
     """Connections whose kernel side is ready to hand over: the TCP sockets themselves, or
-    with TLS the socketpair ends a fresh bridge helper relays."""
+    with TLS the socketpair ends a fresh bridge helper relays (resuming along ``targets``)."""
     if target.tls:
-        helper = await start_bridge(target, count)
+        helper = await start_bridge(target, count, targets)
         return helper.connections, helper
     return await open_connections(target, count, None), None
 
@@ -100,7 +102,7 @@ async def open_first(
     """The first target that can be reached; other errors (export missing, TLS) are final."""
     for i, target in enumerate(targets):
         try:
-            conns, helper = await open_for_kernel(target, count)
+            conns, helper = await open_for_kernel(target, count, targets)
         except AttachError as exc:
             if exc.status is not ExitStatus.UNREACHABLE or i == len(targets) - 1:
                 raise

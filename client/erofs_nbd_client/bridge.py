@@ -2,9 +2,11 @@
 socketpair end the kernel holds and the TLS connection to the server (as nbd-client does).
 
 attach starts it with ``posix_spawn`` in its own session, so it outlives attach. It connects,
-negotiates over TLS and reports the export's details (or its error) as one JSON line on a
-status pipe; attach returns only after that line. Then it relays in large batches until the
-kernel or the server closes. A requested disconnect (EOF from the kernel) is a quiet exit.
+negotiates over TLS, checks the image and reports the export's details (or its error) as
+one JSON line on a status pipe; attach returns only after that line. Then each link is a
+``relay.Relay``, which moves to a new server connection when its own ends (along the
+failover list, to the same image) until the kernel closes its side. A requested disconnect
+(EOF from the kernel) is a quiet exit.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import trio
 from erofs_nbdd.protocol import Negotiated
 
 from . import devices
-from .connect import Connection, open_connections, tls_context
+from .connect import Connection, check_erofs, open_connections, tls_context
 from .errors import AttachError, ExitStatus
 from .negotiate import ExportDetails, Session
+from .relay import Relay, Resume
 from .spawn import read_line, reap, spawn
 from .target import Target
 
 log = logging.getLogger("erofs_nbd_client.bridge")
-RELAY_CHUNK = 1024 * 1024
 STATUS_TIMEOUT = 120
 
 
@@ -43,8 +45,9 @@ class Helper:
     connections: list[Connection]
 
 
-async def start_bridge(target: Target, count: int) -> Helper:
-    """Spawn the bridge; return once it has negotiated every connection, or raise its error."""
+async def start_bridge(target: Target, count: int, targets: list[Target]) -> Helper:
+    """Spawn the bridge for ``target`` (its links resume along ``targets``, the failover
+    list); return once it has negotiated every connection, or raise its error."""
     devices.RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = devices.RUN_DIR / f"bridge-{uuid.uuid4().hex[:12]}.log"
     pairs = [socket.socketpair() for _ in range(count)]
@@ -52,6 +55,7 @@ async def start_bridge(target: Target, count: int) -> Helper:
     child_fds = [b.fileno() for _, b in pairs]
     spec = {
         "target": target.to_json(),
+        "targets": [t.to_json() for t in _resume_order(target, targets)],
         "fds": child_fds,
         "status_fd": status_w,
     }
@@ -92,40 +96,24 @@ async def start_bridge(target: Target, count: int) -> Helper:
     return Helper(pid=pid, log_path=str(log_path), connections=conns)
 
 
-async def relay(index: int, plain: trio.abc.Stream, secure: trio.abc.Stream) -> None:
-    """Copy both ways until either side closes; then close both."""
-    ended = "?"
-    async with trio.open_nursery() as nursery:
-
-        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, name: str) -> None:
-            nonlocal ended
-            try:
-                while data := await src.receive_some(RELAY_CHUNK):
-                    await dst.send_all(data)
-                ended = f"{name} closed"
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                ended = f"{name}: {exc.__cause__ or exc or 'connection lost'}"
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(pump, plain, secure, "kernel side")
-        nursery.start_soon(pump, secure, plain, "server side")
-    with trio.CancelScope(shield=True):
-        with trio.move_on_after(2):
-            await secure.aclose()
-        await trio.aclose_forcefully(secure)
-        await trio.aclose_forcefully(plain)
-    log.info("connection %d ended: %s", index, ended)
+def _resume_order(target: Target, targets: list[Target]) -> list[Target]:
+    """Where a link resumes: its own server first, then the rest of the failover list."""
+    return [target, *(t for t in targets if t != target)]
 
 
-async def bridge_in_process(nursery: trio.Nursery, target: Target, count: int) -> list[Connection]:
+async def bridge_in_process(
+    nursery: trio.Nursery, target: Target, count: int, targets: list[Target], identity: str
+) -> list[Connection]:
     """The bridge without a process of its own (the supervisor's reconnects): TLS connections
-    relayed in ``nursery``; returns connections over the kernel's socketpair ends."""
+    relayed in ``nursery``, resuming along ``targets`` to the image ``identity`` names;
+    returns connections over the kernel's socketpair ends."""
     conns = await open_connections(target, count, tls_context(target))
+    resume = Resume(_resume_order(target, targets), identity)
     out = []
     for i, conn in enumerate(conns):
         kernel_end, ours = socket.socketpair()
         plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        nursery.start_soon(relay, i, plain, conn.session.stream)
+        nursery.start_soon(Relay(i, plain, conn.session.stream, resume).run)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(kernel_end))
         out.append(Connection(conn.details, Session(stream, Negotiated(), b"")))
     return out
@@ -133,10 +121,12 @@ async def bridge_in_process(nursery: trio.Nursery, target: Target, count: int) -
 
 async def run(spec: dict[str, object]) -> int:
     target = Target.from_json(spec["target"])  # type: ignore[arg-type]
+    targets = [Target.from_json(t) for t in spec["targets"]]  # type: ignore[attr-defined]
     fds: list[int] = list(spec["fds"])  # type: ignore[call-overload]
     with os.fdopen(int(spec["status_fd"]), "w") as status:  # type: ignore[call-overload]
         try:
             conns = await open_connections(target, len(fds), tls_context(target))
+            identity = await check_erofs(conns[0])  # what a resumed link must find again
         except AttachError as exc:
             status.write(json.dumps({"ok": False, "status": int(exc.status), "error": str(exc)}))
             status.write("\n")
@@ -151,10 +141,11 @@ async def run(spec: dict[str, object]) -> int:
     log.info("bridging %d TLS connection(s) to %s", len(conns), target.describe())
     for fd in fds[len(conns) :]:
         os.close(fd)
+    resume = Resume(targets, identity)
     async with trio.open_nursery() as nursery:
         for i, (fd, conn) in enumerate(zip(fds, conns, strict=False)):
             plain = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
-            nursery.start_soon(relay, i, plain, conn.session.stream)
+            nursery.start_soon(Relay(i, plain, conn.session.stream, resume).run)
     log.info("all connections closed; exiting")
     return 0
 

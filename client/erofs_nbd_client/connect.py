@@ -140,6 +140,21 @@ async def check_erofs(conn: Connection) -> str:
         raise AttachError(ExitStatus.PROTOCOL_ERROR, f"cannot read the export: {exc}") from exc
 
 
+async def differs(conn: Connection, identity: str) -> str | None:
+    """Why ``conn`` does not serve the image whose identity (``check_erofs``) is
+    ``identity``, or None if it does. AttachError if it cannot tell: a failed read is no
+    proof of another image (the server may be starting), so the caller tries again later."""
+    try:
+        found = await check_erofs(conn)
+    except AttachError as exc:
+        if exc.status is not ExitStatus.NOT_EROFS:
+            raise
+        return "it is not an EROFS image"
+    if found != identity:
+        return "a different image (size, flags or superblock changed)"
+    return None
+
+
 def kernel_block_size(details: ExportDetails) -> int:
     """The server's preferred block size as a power of two in 512..page size."""
     page = os.sysconf("SC_PAGE_SIZE")

@@ -26,8 +26,8 @@ import trio
 
 from . import devices, netlink
 from .bridge import bridge_in_process
-from .connect import check_erofs, open_connections, socket_of
-from .errors import AttachError, ExitStatus
+from .connect import differs, open_connections, socket_of
+from .errors import AttachError
 from .target import Target
 
 if TYPE_CHECKING:
@@ -137,7 +137,9 @@ class Supervisor:
         record = self.record
         try:
             if target.tls:  # relayed here, not by a new bridge process
-                conns = await bridge_in_process(self.relays, target, record.connections)
+                conns = await bridge_in_process(
+                    self.relays, target, record.connections, self.targets, record.identity
+                )
             else:
                 conns = await open_connections(target, record.connections, None)
         except AttachError as exc:
@@ -145,28 +147,23 @@ class Supervisor:
             return False
         try:
             try:
-                identity = await check_erofs(conns[0])
+                different = await differs(conns[0], record.identity)
             except AttachError as exc:
-                if exc.status is ExitStatus.NOT_EROFS:
-                    identity = "not EROFS"  # certainly not our image: refused below
-                else:
-                    # A failed read is no proof of another image (the server may be
-                    # starting): not reconnected now, retried like a refused connection.
-                    log.warning(
-                        "/dev/nbd%d: cannot check the image %s serves: %s; will retry",
-                        self.index,
-                        target.describe(),
-                        exc,
-                    )
-                    return False
-            if identity != record.identity:
+                log.warning(
+                    "/dev/nbd%d: cannot check the image %s serves: %s; will retry",
+                    self.index,
+                    target.describe(),
+                    exc,
+                )
+                return False
+            if different is not None:
                 self.state = "refusing"
                 self.publish(refused=target.describe())
                 log.error(
-                    "/dev/nbd%d: %s serves a different image under %r (size, flags or "
-                    "superblock changed); not reconnecting to it",
+                    "/dev/nbd%d: %s serves %s under %r; not reconnecting to it",
                     self.index,
                     target.describe(),
+                    different,
                     target.export,
                 )
                 return False

@@ -89,6 +89,10 @@ class Buffer:
         self._advance(fmt.size)
         return values
 
+    def peek_unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        """Unpack the first ``fmt.size`` bytes and leave them; the caller checked the length."""
+        return fmt.unpack_from(self._data, self._start)
+
     def _advance(self, n: int) -> None:
         self._start += n
         if self._start > 65536 and self._start * 2 > len(self._data):

@@ -1,0 +1,198 @@
+"""Relays between the kernel's end of a socketpair and a (TLS) connection to the server,
+which outlive that connection.
+
+The kernel speaks plaintext NBD, so with TLS a relay stands between it and the server (in
+the bridge process, and in the supervisor for links it reconnected). A relay that only
+copies bytes must drop the kernel's socket when its server connection ends; the kernel
+then retries the requests that were in flight only when their timeout fires, seconds
+later. This one keeps a ``Ledger`` of what it passed on. When the server connection ends
+(a server closing at a quiet moment on shutdown, a crash, a lost link), it reconnects
+along the target list with backoff, checks that it finds the same image, sends the
+unanswered requests again and goes on, and the kernel sees nothing but a slower reply.
+Replies reach the kernel only whole, so one cut off by a dying connection never does.
+
+If the server stays away longer than the kernel's request timeout, the kernel gives up on
+the link itself: it shuts its socket, the relay ends, and the supervisor's LINK_DEAD path
+takes over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from erofs_nbdd.protocol import ProtocolError
+from erofs_nbdd.protocol.ledger import Ledger
+
+from .connect import differs, open_connections, tls_context
+from .errors import AttachError
+
+if TYPE_CHECKING:
+    from .target import Target
+
+log = logging.getLogger("erofs_nbd_client.relay")
+
+RELAY_CHUNK = 1024 * 1024
+#: Reconnect attempts: the first at once, then doubling from FIRST_BACKOFF to MAX_BACKOFF,
+#: each drawn from half to all of that (the supervisor's schedule: supervisor.py).
+FIRST_BACKOFF = 0.1
+MAX_BACKOFF = 1.0
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a relay reconnects: the targets, tried in order, and the image it must find
+    there (``connect.check_erofs``'s identity)."""
+
+    targets: list[Target]
+    identity: str
+
+    async def connect(self) -> tuple[Target, trio.abc.Stream] | None:
+        """A new connection to the first target that serves the image, or None."""
+        for target in self.targets:
+            try:
+                (conn,) = await open_connections(target, 1, tls_context(target))
+            except AttachError as exc:
+                log.info("%s: %s", target.describe(), exc)
+                continue
+            try:
+                different = await differs(conn, self.identity)
+            except AttachError as exc:
+                log.info("%s: %s", target.describe(), exc)
+                different = "an image that cannot be checked yet"
+            if different is None:
+                return target, conn.session.stream
+            log.warning("%s serves %s: not resuming there", target.describe(), different)
+            await trio.aclose_forcefully(conn.session.stream)
+        return None
+
+
+class Relay:
+    """One kernel link: requests from the kernel to the server, replies back."""
+
+    def __init__(
+        self, number: int, kernel: trio.abc.Stream, server: trio.abc.Stream, resume: Resume
+    ) -> None:
+        self.number = number
+        self.kernel = kernel
+        self.server = server
+        self.resume = resume
+        self.ledger = Ledger()
+        #: Sends to the server, so that what a reconnect sends again and what comes
+        #: meanwhile go in order, each once.
+        self._sending = trio.Lock()
+        self._connected = True
+        #: Set when the kernel's requests wait to be forwarded.
+        self._pending = trio.Event()
+        self.ended = "?"
+        #: Times the server connection was replaced.
+        self.resumed = 0
+
+    async def run(self) -> None:
+        """Relay until the kernel closes its side (or breaks the protocol); then close."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._requests, nursery.cancel_scope)
+                nursery.start_soon(self._forward)
+                nursery.start_soon(self._replies, nursery.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(2):
+                    await self.server.aclose()
+                await trio.aclose_forcefully(self.server)
+                await trio.aclose_forcefully(self.kernel)
+            log.info("connection %d ended: %s", self.number, self.ended)
+
+    async def _requests(self, scope: trio.CancelScope) -> None:
+        """Read the kernel's requests into the ledger (``_forward`` sends them), always
+        reading, so the kernel closing its side is seen even while the server is away or
+        does not read."""
+        try:
+            while data := await self.kernel.receive_some(RELAY_CHUNK):
+                self.ledger.requests(data)
+                self._pending.set()
+            self.ended = "kernel side closed"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.ended = f"kernel side: {exc.__cause__ or exc or 'connection lost'}"
+        except ProtocolError as exc:
+            self.ended = f"kernel side broke the protocol: {exc}"
+        scope.cancel()
+
+    async def _forward(self) -> None:
+        """Send what the kernel asked, in order; while the server connection is being
+        replaced, nothing: the reconnect sends it all."""
+        while True:
+            await self._pending.wait()
+            self._pending = trio.Event()
+            async with self._sending:
+                if self._connected:
+                    await self._send(self.ledger.unsent())
+
+    async def _send(self, data: bytes) -> None:
+        """To the server; a failure is the replies side's to notice (the connection is
+        broken for both) and the requests stay unanswered, to go again."""
+        if data:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.server.send_all(data)
+
+    async def _replies(self, scope: trio.CancelScope) -> None:
+        """Server to kernel; a server connection that ends is replaced."""
+        while True:
+            try:
+                while data := await self.server.receive_some(RELAY_CHUNK):
+                    if whole := self.ledger.replies(data):
+                        try:
+                            await self.kernel.send_all(whole)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                            self.ended = f"kernel side: {exc.__cause__ or exc}"
+                            scope.cancel()
+                            return
+                cause = "the server closed the connection"
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = f"the server connection was lost ({exc.__cause__ or exc})"
+            except ProtocolError as exc:
+                self.ended = f"the server broke the protocol: {exc}"
+                scope.cancel()
+                return
+            if self.ledger.disconnecting:
+                self.ended = "disconnected"
+                scope.cancel()
+                return
+            await self._move(cause)
+
+    async def _move(self, cause: str) -> None:
+        """Replace the server connection (until one answers, or the kernel gives up on
+        this link and closes it, which cancels us) and send the unanswered again."""
+        self._connected = False
+        started = time.monotonic()
+        log.warning(
+            "connection %d: %s with %d request(s) unanswered; reconnecting",
+            self.number,
+            cause,
+            self.ledger.unanswered,
+        )
+        await trio.aclose_forcefully(self.server)
+        delay = FIRST_BACKOFF
+        while (found := await self.resume.connect()) is None:
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, MAX_BACKOFF)
+        target, self.server = found
+        async with self._sending:
+            self.ledger.moved()
+            again = self.ledger.unanswered
+            self._connected = True
+            await self._send(self.ledger.unsent())
+        self.resumed += 1
+        log.warning(
+            "connection %d: resumed on %s after %.2f s, %d request(s) sent again",
+            self.number,
+            target.describe(),
+            time.monotonic() - started,
+            again,
+        )

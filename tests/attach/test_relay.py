@@ -1,0 +1,153 @@
+"""The relay the kernel's TLS links go through outlives its server connection: a server
+that stops, closes a connection or is replaced costs the kernel's side a slower reply,
+never an error, and a server with another image is never resumed on. The kernel's side
+here is our own client on a socketpair end, as the kernel would hold it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from erofs_nbd_client.connect import check_erofs, open_connections, tls_context
+from erofs_nbd_client.negotiate import Session
+from erofs_nbd_client.relay import Relay, Resume
+from erofs_nbd_client.target import Target
+from erofs_nbdd.config import ServerConfig, TLSConfig, TLSMode
+from erofs_nbdd.protocol import Negotiated
+from erofs_nbdd.server import transmit
+from erofs_nbdd.server.listener import Server
+
+from ..conftest import mkfs
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def server(images: Path, port: int, certs: Path | None = None) -> Server:
+    tls = TLSConfig(mode=TLSMode.REQUIRE, cert_dir=certs) if certs else TLSConfig()
+    return Server(ServerConfig(root=images, listen=(f"127.0.0.1:{port}",), tls=tls))
+
+
+async def start_relay(
+    nursery: trio.Nursery, target: Target, targets: list[Target] | None = None
+) -> tuple[Session, Relay]:
+    """A relay to ``target`` as the bridge makes one, and the kernel's side of it."""
+    (conn,) = await open_connections(target, 1, tls_context(target))
+    identity = await check_erofs(conn)
+    kernel_end, ours = socket.socketpair()
+    plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    relay = Relay(0, plain, conn.session.stream, Resume(targets or [target], identity))
+    nursery.start_soon(relay.run)
+    kernel = trio.SocketStream(trio.socket.from_stdlib_socket(kernel_end))
+    return Session(kernel, Negotiated(), b""), relay
+
+
+async def read_many(session: Session, data: bytes, count: int) -> None:
+    """``count`` reads at once, all in flight together, each checked."""
+
+    async def one(i: int) -> None:
+        offset = i * 4096 % (len(data) - 65536)
+        assert await session.pread(offset, 65536) == data[offset : offset + 65536]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(one, i)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_planned_restart_is_invisible(
+    images: Path, made_certs: Path, tls: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Old server, then a new one on the same port, then the old one stops: it closes the
+    relay's connection at a quiet moment and the relay moves to the new one."""
+    port = free_port()
+    certs = made_certs if tls else None
+    client_dir = made_certs / "clients" / "alice" if tls else None
+    target = Target(host="127.0.0.1", port=port, export="demo", tls=tls, cert_dir=client_dir)
+    data = (images / "demo.erofs").read_bytes()
+    old, new = server(images, port, certs), server(images, port, certs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(old.run)
+        session, relay = await start_relay(nursery, target)
+        await read_many(session, data, 8)
+        await nursery.start(new.run)
+        old.shutdown()
+        with trio.fail_after(20):
+            while relay.resumed == 0:  # reads with pauses: the old server finds its moment
+                await read_many(session, data, 4)
+                await trio.sleep(transmit.QUIET * 2)
+        await read_many(session, data, 8)
+        assert "grace period over" not in caplog.text
+        assert len(new.connections) == 1
+        await trio.aclose_forcefully(session.stream)  # the kernel side closes: the relay ends
+        new.shutdown()
+
+
+async def test_requests_in_flight_on_a_lost_connection_are_sent_again(
+    images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    target = Target(host="127.0.0.1", port=port, export="demo")
+    data = (images / "demo.erofs").read_bytes()
+    srv = server(images, port)
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        session, relay = await start_relay(nursery, target)
+        for round_ in range(3):
+            async with trio.open_nursery() as readers:
+                readers.start_soon(read_many, session, data, 32)
+                with trio.fail_after(10):
+                    while not any(c.stats.requests for c in srv.connections):
+                        await trio.sleep(0)
+                (conn,) = srv.connections
+                conn.evict("the test cuts the connection")  # replies in flight are lost
+            assert relay.resumed == round_ + 1
+        assert "request(s) sent again" in caplog.text
+        await trio.aclose_forcefully(session.stream)
+        srv.shutdown()
+
+
+async def test_a_relay_never_resumes_on_another_image(
+    images: Path, tmp_path: Path, source_tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first server goes; the second in the list serves another image under the same
+    name: the relay keeps trying, never sends the kernel's requests there, and ends when
+    the kernel side closes."""
+    other = tmp_path / "other"
+    mkfs(other / "demo.erofs", source_tree)  # same files, a new image (new UUID)
+    port_a, port_b = free_port(), free_port()
+    a = Target(host="127.0.0.1", port=port_a, export="demo")
+    b = Target(host="127.0.0.1", port=port_b, export="demo")
+    first, second = server(images, port_a), server(other, port_b)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await nursery.start(second.run)
+        session, relay = await start_relay(nursery, a, [a, b])
+        assert await session.pread(0, 4096) == (images / "demo.erofs").read_bytes()[:4096]
+        first.shutdown()
+        with trio.fail_after(10):
+            while "serves a different image" not in caplog.text:
+                await trio.sleep(0.05)
+        with trio.move_on_after(0.5):
+            await session.pread(0, 4096)
+            pytest.fail("a read was answered by another image")
+        assert all(c.stats.requests == 1 for c in second.connections)  # the check only
+        assert relay.resumed == 0
+        await trio.aclose_forcefully(session.stream)
+        with trio.fail_after(5):
+            while "connection 0 ended: kernel side closed" not in caplog.text:
+                await trio.sleep(0.05)
+        second.shutdown()
