@@ -51,6 +51,7 @@ class AttachOptions:
     dead_timeout: int = DEAD_TIMEOUT  # seconds I/O waits on a dead connection before EIO
     mount_options: str = ""
     device: int | None = None
+    relay: bool = False  # plain links through a relay too, as TLS ones always are
 
 
 def require_root(what: str) -> None:
@@ -86,23 +87,24 @@ async def ensure_kernel_support() -> str:
 
 
 async def open_for_kernel(
-    target: Target, count: int, targets: list[Target]
+    target: Target, count: int, targets: list[Target], relay: bool
 ) -> tuple[list[Connection], Helper | None]:
     """Connections whose kernel side is ready to hand over: the TCP sockets themselves, or
-    with TLS the socketpair ends a fresh bridge helper relays (resuming along ``targets``)."""
-    if target.tls:
+    with TLS (or ``relay``) the socketpair ends a fresh bridge helper relays (resuming
+    along ``targets``)."""
+    if target.tls or relay:
         helper = await start_bridge(target, count, targets)
         return helper.connections, helper
     return await open_connections(target, count, None), None
 
 
 async def open_first(
-    targets: list[Target], count: int
+    targets: list[Target], count: int, relay: bool
 ) -> tuple[Target, list[Connection], Helper | None]:
     """The first target that can be reached; other errors (export missing, TLS) are final."""
     for i, target in enumerate(targets):
         try:
-            conns, helper = await open_for_kernel(target, count, targets)
+            conns, helper = await open_for_kernel(target, count, targets, relay)
         except AttachError as exc:
             if exc.status is not ExitStatus.UNREACHABLE or i == len(targets) - 1:
                 raise
@@ -179,7 +181,7 @@ async def attach(options: AttachOptions) -> devices.Record:
         raise AttachError(ExitStatus.DEVICE_BUSY, f"/dev/nbd{options.device} is already in use")
     interface = await ensure_kernel_support()
     backend = f"erofs-nbd-attach:{uuid.uuid4()}"
-    target, conns, helper = await open_first(options.targets, options.connections)
+    target, conns, helper = await open_first(options.targets, options.connections, options.relay)
     if interface == "ioctl" and len(conns) > 1:
         log.warning("the ioctl interface takes one connection; using one")
         for extra in conns[1:]:
@@ -235,6 +237,7 @@ async def attach(options: AttachOptions) -> devices.Record:
             identity=identity,
             flags=details.flags,
             targets=[t.to_json() for t in options.targets],
+            relay=options.relay,
         )
         record.save()
         if interface == "netlink":  # watching before anything can depend on the device

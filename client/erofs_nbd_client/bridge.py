@@ -1,5 +1,6 @@
-"""The TLS bridge: the kernel speaks plaintext NBD, so a helper process relays between a
-socketpair end the kernel holds and the TLS connection to the server (as nbd-client does).
+"""The bridge: the kernel speaks plaintext NBD, so a helper process relays between a
+socketpair end the kernel holds and the TLS connection to the server (as nbd-client does);
+with ``--relay``, plain connections too, for relays that resume (below).
 
 attach starts it with ``posix_spawn`` in its own session, so it outlives attach. It connects,
 negotiates over TLS, checks the image and reports the export's details (or its error) as
@@ -138,7 +139,7 @@ async def run(spec: dict[str, object]) -> int:
         details = dataclasses.asdict(conns[0].details)
         message = {"ok": True, "connections": len(conns), "details": details}
         status.write(json.dumps(message) + "\n")
-    log.info("bridging %d TLS connection(s) to %s", len(conns), target.describe())
+    log.info("relaying %d connection(s) to %s", len(conns), target.describe())
     for fd in fds[len(conns) :]:
         os.close(fd)
     resume = Resume(targets, identity)

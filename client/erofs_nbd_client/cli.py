@@ -63,6 +63,12 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--connections", type=int, default=1, metavar="N")
     parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="plain links through a relay too, as TLS links are: a server lost mid-request "
+        "then costs its absence, not --timeout, but every byte crosses a helper process",
+    )
+    parser.add_argument(
         "--timeout",
         type=int,
         default=REQUEST_TIMEOUT,
@@ -124,6 +130,7 @@ def attach_main(argv: Sequence[str] | None = None) -> int:
         dead_timeout=args.dead_timeout,
         mount_options=args.options,
         device=device,
+        relay=args.relay,
     )
     try:
         record = trio.run(attach, options)

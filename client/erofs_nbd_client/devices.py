@@ -35,6 +35,7 @@ class Record:
     identity: str = ""  # what a reconnect must find again (attach.check_erofs)
     flags: int = 0
     targets: list[dict[str, object]] = field(default_factory=list)  # the failover list
+    relay: bool = False  # plain links relayed too (--relay), not only TLS ones
     attached_at: float = field(default_factory=time.time)
 
     @property

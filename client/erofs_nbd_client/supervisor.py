@@ -136,7 +136,7 @@ class Supervisor:
         """One attempt: connect, check the image, hand the sockets over."""
         record = self.record
         try:
-            if target.tls:  # relayed here, not by a new bridge process
+            if target.tls or record.relay:  # relayed here, not by a new bridge process
                 conns = await bridge_in_process(
                     self.relays, target, record.connections, self.targets, record.identity
                 )

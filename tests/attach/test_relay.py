@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.lowlevel
 
 from erofs_nbd_client.connect import check_erofs, open_connections, tls_context
 from erofs_nbd_client.negotiate import Session
@@ -111,7 +112,7 @@ async def test_requests_in_flight_on_a_lost_connection_are_sent_again(
                 readers.start_soon(read_many, session, data, 32)
                 with trio.fail_after(10):
                     while not any(c.stats.requests for c in srv.connections):
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
                 (conn,) = srv.connections
                 conn.evict("the test cuts the connection")  # replies in flight are lost
             assert relay.resumed == round_ + 1

@@ -285,7 +285,7 @@ def test_crash_and_restart(
     detach_clean(mountpoint)
 
 
-@pytest.mark.parametrize("mode", ["plain-1", "plain-2", "tls-2"])
+@pytest.mark.parametrize("mode", ["plain-1", "plain-2", "relay-1", "tls-2"])
 def test_failover_to_a_second_server(
     images: Path,
     source_tree: Path,
@@ -298,11 +298,13 @@ def test_failover_to_a_second_server(
     servers.append(_serve(images, certs, tls, PORT_A))
     servers.append(_serve(images, certs, tls, PORT_B))
     (first,), (second,) = _server_arg(tls, certs, PORT_A), _server_arg(tls, certs, PORT_B)
-    index = attach(mountpoint, f"{first},{second}", "--connections", mode[-1])
+    relay = ["--relay"] if mode.startswith("relay") else []
+    index = attach(mountpoint, f"{first},{second}", "--connections", mode[-1], *relay)
     reader = Reader(mountpoint, file_digests(source_tree)).start()
     stall = Stall.before(reader)
     kill(servers[0])  # gone for good
     by = recovered(index)
+    assert by == ("relay" if tls or relay else "supervisor")  # a relay resumes at once
     if by == "supervisor":
         scheme = "nbds" if tls else "nbd"
         assert devices.read_state(index)["server"] == f"{scheme}://127.0.0.1:{PORT_B}/demo"
