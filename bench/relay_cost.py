@@ -11,6 +11,7 @@ so read the CPU figures, not the rates, as the relay's cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import socket
@@ -23,8 +24,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from erofs_nbd_client import devices
 from erofs_nbd_client.bridge import start_bridge
 from erofs_nbd_client.connect import open_connections
+from erofs_nbd_client.spawn import reap
 from erofs_nbd_client.target import Target
 
 if TYPE_CHECKING:
@@ -55,7 +58,8 @@ async def load(session: Session, size: int, length: int, depth: int, seconds: fl
     return done
 
 
-async def measure(port: int, size: int, seconds: float) -> None:
+async def measure(port: int, size: int, seconds: float) -> Path:
+    """Print the table; returns the bridge's log, for the caller to remove."""
     target = Target(host="127.0.0.1", port=port, export="bench")
     (direct,) = await open_connections(target, 1, None)
     helper = await start_bridge(target, 1, [target])
@@ -73,7 +77,9 @@ async def measure(port: int, size: int, seconds: float) -> None:
         )
         print(f"{name:<16} {n_direct / seconds:>10.0f}/s {n_relayed / seconds:>10.0f}/s {per:>18}")
     await trio.aclose_forcefully(direct.session.stream)
-    await trio.aclose_forcefully(relayed.session.stream)
+    await trio.aclose_forcefully(relayed.session.stream)  # the bridge exits: nothing left
+    await trio.to_thread.run_sync(reap, helper.pid)
+    return Path(helper.log_path)
 
 
 def main() -> int:
@@ -106,7 +112,10 @@ def main() -> int:
         )
         try:
             wait_listening(port, server)
-            trio.run(measure, port, size, args.seconds)
+            helper_log = trio.run(measure, port, size, args.seconds)
+            helper_log.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # made for that log, unless in use
+                devices.RUN_DIR.rmdir()
         finally:
             server.terminate()
             server.wait(30)
