@@ -335,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     shared = share(config, args.workers)
     board = LoadBoard(args.workers)
-    return run_workers(board, args.workers, lambda i: _serve(shared, sockets, board.seat(i)))
+    return run_workers(
+        board, args.workers, lambda i: _serve(shared, sockets, board.seat(i)), sockets
+    )
 
 
 def _serve(config: ServerConfig, sockets: list[socket.socket], seat: Seat | None = None) -> int:

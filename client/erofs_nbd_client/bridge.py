@@ -3,11 +3,11 @@ socketpair end the kernel holds and the TLS connection to the server (as nbd-cli
 with ``--relay``, plain connections too, for relays that resume (below).
 
 attach starts it with ``posix_spawn`` in its own session, so it outlives attach. It connects,
-negotiates over TLS, checks the image and reports the export's details (or its error) as
-one JSON line on a status pipe; attach returns only after that line. Then each link is a
-``relay.Relay``, which moves to a new server connection when its own ends (along the
-failover list, to the same image) until the kernel closes its side. A requested disconnect
-(EOF from the kernel) is a quiet exit.
+negotiates (over TLS, or plain with ``--relay``), checks the image and reports the export's
+details (or its error) as one JSON line on a status pipe; attach returns only after that
+line. Then each link is a ``relay.Relay``, which moves to a new server connection when its
+own ends (along the failover list, to the same image) until the kernel closes its side. A
+requested disconnect (EOF from the kernel) is a quiet exit.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ STATUS_TIMEOUT = 120
 
 @dataclasses.dataclass
 class Helper:
-    """A helper process (the TLS bridge) as attach sees it: the kernel's side of each
-    connection is a socketpair end whose other end the helper relays over TLS."""
+    """A helper process (the bridge) as attach sees it: the kernel's side of each
+    connection is a socketpair end whose other end the helper relays (over TLS, or plain
+    with ``--relay``)."""
 
     pid: int
     log_path: str
@@ -81,7 +82,7 @@ async def start_bridge(target: Target, count: int, targets: list[Target]) -> Hel
         tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
         log_path.unlink(missing_ok=True)  # a failed attach leaves nothing behind
         if status is None:
-            raise AttachError(ExitStatus.FAILURE, f"the TLS helper died without a word: {tail}")
+            raise AttachError(ExitStatus.FAILURE, f"the relay helper died without a word: {tail}")
         raise AttachError(ExitStatus(status["status"]), status["error"])
     used = status["connections"]
     for a, _ in pairs[used:]:
@@ -105,7 +106,7 @@ def _resume_order(target: Target, targets: list[Target]) -> list[Target]:
 async def bridge_in_process(
     nursery: trio.Nursery, target: Target, count: int, targets: list[Target], identity: str
 ) -> list[Connection]:
-    """The bridge without a process of its own (the supervisor's reconnects): TLS connections
+    """The bridge without a process of its own (the supervisor's reconnects): connections
     relayed in ``nursery``, resuming along ``targets`` to the image ``identity`` names;
     returns connections over the kernel's socketpair ends."""
     conns = await open_connections(target, count, tls_context(target))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,12 +23,59 @@ from .negotiate import ExportDetails, NegotiationError, RequestError, Session, n
 if TYPE_CHECKING:
     import socket
     import ssl
+    from collections.abc import Iterator
 
     from .target import Target
 
 log = logging.getLogger("erofs_nbd_client")
 
 PROBE_BYTES = 4096  # enough for the EROFS superblock at byte 1024
+
+#: Reconnects, the supervisor's and the relays': the first attempt at once, then after
+#: FIRST_BACKOFF, doubling up to MAX_BACKOFF, each drawn from half to all of that so that
+#: the clients of a restarted server do not all come back in step. A server back after D
+#: seconds is found within about D + 1 s.
+FIRST_BACKOFF = 0.1
+MAX_BACKOFF = 1.0
+#: Seconds one reconnect may spend per connection (reach, negotiate, check the image):
+#: a server that accepts and never answers, or an address that drops packets, costs this
+#: long, not the minutes attach allows, before the next in the list is tried.
+ATTEMPT_TIMEOUT = 5.0
+#: What a reconnect attempt may meet and survive: it is logged and the next one tried.
+RECONNECT_ERRORS = (
+    AttachError,
+    OSError,
+    ProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+class Notes:
+    """Why each target was passed over, logged once until the reason changes: a server
+    away for hours must not fill a log that lives in /run (tmpfs)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._said: dict[Target, str] = {}
+
+    def note(self, target: Target, what: str, level: int = logging.WARNING) -> None:
+        if self._said.get(target) != what:
+            self._said[target] = what
+            self._log.log(level, "%s: %s", target.describe(), what)
+
+    def forget(self, target: Target) -> None:
+        """``target`` answered: its next failure is news again."""
+        self._said.pop(target, None)
+
+
+def backoff() -> Iterator[float]:
+    """The pauses between reconnect attempts (FIRST_BACKOFF, MAX_BACKOFF)."""
+    delay = FIRST_BACKOFF
+    while True:
+        yield delay * random.uniform(0.5, 1.0)
+        delay = min(delay * 2, MAX_BACKOFF)
 
 
 @dataclass
@@ -136,7 +184,7 @@ async def check_erofs(conn: Connection) -> str:
         raise AttachError(
             ExitStatus.NOT_EROFS, f"export {conn.details.name!r} is not an EROFS image: {exc}"
         ) from exc
-    except (RequestError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+    except (RequestError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         raise AttachError(ExitStatus.PROTOCOL_ERROR, f"cannot read the export: {exc}") from exc
 
 

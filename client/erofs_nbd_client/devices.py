@@ -30,7 +30,7 @@ class Record:
     tls: bool = False
     cert_dir: str | None = None
     interface: str = "netlink"  # or "ioctl" (no failover possible)
-    helper_pids: list[int] = field(default_factory=list)  # TLS bridge, ioctl holder, supervisor
+    helper_pids: list[int] = field(default_factory=list)  # bridge, ioctl holder, supervisor
     helper_logs: list[str] = field(default_factory=list)  # their files, removed on detach
     identity: str = ""  # what a reconnect must find again (attach.check_erofs)
     flags: int = 0

@@ -11,18 +11,18 @@ along the target list with backoff, checks that it finds the same image, sends t
 unanswered requests again and goes on, and the kernel sees nothing but a slower reply.
 Replies reach the kernel only whole, so one cut off by a dying connection never does.
 
-If the server stays away longer than the kernel's request timeout, the kernel gives up on
-the link itself: it shuts its socket, the relay ends, and the supervisor's LINK_DEAD path
-takes over.
+If the server stays away longer than the kernel's request timeout while a request waits,
+the kernel gives up on the link itself: it shuts its socket, the relay ends, and the
+supervisor's LINK_DEAD path takes over. An idle link has nothing to time out: its relay
+keeps trying until a server answers or the kernel closes its side.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,8 +30,15 @@ import trio
 from erofs_nbdd.protocol import ProtocolError
 from erofs_nbdd.protocol.ledger import Ledger
 
-from .connect import differs, open_connections, tls_context
-from .errors import AttachError
+from .connect import (
+    ATTEMPT_TIMEOUT,
+    RECONNECT_ERRORS,
+    Notes,
+    backoff,
+    differs,
+    open_connections,
+    tls_context,
+)
 
 if TYPE_CHECKING:
     from .target import Target
@@ -39,10 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("erofs_nbd_client.relay")
 
 RELAY_CHUNK = 1024 * 1024
-#: Reconnect attempts: the first at once, then doubling from FIRST_BACKOFF to MAX_BACKOFF,
-#: each drawn from half to all of that (the supervisor's schedule: supervisor.py).
-FIRST_BACKOFF = 0.1
-MAX_BACKOFF = 1.0
+#: Seconds the kernel's last requests get to reach the server once the kernel has closed
+#: its side (its DISC, say).
+LAST_SEND = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,24 +58,32 @@ class Resume:
 
     targets: list[Target]
     identity: str
+    notes: Notes = field(default_factory=lambda: Notes(log), compare=False)
 
     async def connect(self) -> tuple[Target, trio.abc.Stream] | None:
-        """A new connection to the first target that serves the image, or None."""
+        """A new connection to the first target that serves the image, or None. Whatever
+        one target does (refuse, reset, never answer, break the protocol) costs at most
+        ATTEMPT_TIMEOUT and is logged once per kind of failure."""
         for target in self.targets:
+            conn = None
             try:
-                (conn,) = await open_connections(target, 1, tls_context(target))
-            except AttachError as exc:
-                log.info("%s: %s", target.describe(), exc)
-                continue
-            try:
-                different = await differs(conn, self.identity)
-            except AttachError as exc:
-                log.info("%s: %s", target.describe(), exc)
-                different = "an image that cannot be checked yet"
-            if different is None:
+                with trio.fail_after(ATTEMPT_TIMEOUT):
+                    (conn,) = await open_connections(target, 1, tls_context(target))
+                    different = await differs(conn, self.identity)
+            except RECONNECT_ERRORS as exc:
+                self.notes.note(target, f"{exc or type(exc).__name__}")
+                different = "?"
+            except BaseException:
+                if conn is not None:
+                    await trio.aclose_forcefully(conn.session.stream)
+                raise
+            if different is None and conn is not None:
+                self.notes.forget(target)
                 return target, conn.session.stream
-            log.warning("%s serves %s: not resuming there", target.describe(), different)
-            await trio.aclose_forcefully(conn.session.stream)
+            if conn is not None:
+                if different != "?":
+                    self.notes.note(target, f"serves {different}: not resuming there")
+                await trio.aclose_forcefully(conn.session.stream)
         return None
 
 
@@ -95,12 +109,17 @@ class Relay:
         self.resumed = 0
 
     async def run(self) -> None:
-        """Relay until the kernel closes its side (or breaks the protocol); then close."""
+        """Relay until the kernel closes its side (or breaks the protocol); then close. A
+        failure ends this link only (the kernel then sees it die), never the process
+        other links live in."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._requests, nursery.cancel_scope)
                 nursery.start_soon(self._forward)
                 nursery.start_soon(self._replies, nursery.cancel_scope)
+        except Exception as exc:  # one link's failure, logged; the others go on
+            log.exception("connection %d failed", self.number)
+            self.ended = f"internal error: {exc!r}"
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(2):
@@ -118,6 +137,11 @@ class Relay:
                 self.ledger.requests(data)
                 self._pending.set()
             self.ended = "kernel side closed"
+            # What came last (a DISC, as the kernel closes right after it) still goes.
+            with trio.move_on_after(LAST_SEND):
+                async with self._sending:
+                    if self._connected:
+                        await self._send(self.ledger.unsent())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.ended = f"kernel side: {exc.__cause__ or exc or 'connection lost'}"
         except ProtocolError as exc:
@@ -178,10 +202,9 @@ class Relay:
             self.ledger.unanswered,
         )
         await trio.aclose_forcefully(self.server)
-        delay = FIRST_BACKOFF
+        pauses = backoff()
         while (found := await self.resume.connect()) is None:
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, MAX_BACKOFF)
+            await trio.sleep(next(pauses))
         target, self.server = found
         async with self._sending:
             self.ledger.moved()

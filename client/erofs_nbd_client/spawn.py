@@ -1,4 +1,4 @@
-"""Helper processes (the TLS bridge, the ioctl holder): started detached in their own session so
+"""Helper processes (the bridge, the ioctl holder): started detached in their own session so
 they outlive attach, with chosen fds inherited, and a status pipe attach waits on."""
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import sys
@@ -26,21 +25,21 @@ import trio
 
 from . import devices, netlink
 from .bridge import bridge_in_process
-from .connect import differs, open_connections, socket_of
-from .errors import AttachError
+from .connect import (
+    ATTEMPT_TIMEOUT,
+    RECONNECT_ERRORS,
+    Notes,
+    backoff,
+    differs,
+    open_connections,
+    socket_of,
+)
 from .target import Target
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger("erofs_nbd_client.supervisor")
-#: Reconnect attempts: the first at once, then after FIRST_BACKOFF, doubling up to
-#: MAX_BACKOFF, each drawn from half to all of that so that the clients of a restarted server
-#: do not all come back in step. A server back after D seconds is found within about D + 1 s:
-#: the cap, not the timeouts, is what a restart costs beyond its own length. Each attempt is
-#: one connection (a refused one costs nothing).
-FIRST_BACKOFF = 0.1
-MAX_BACKOFF = 1.0
 
 
 class Supervisor:
@@ -50,6 +49,7 @@ class Supervisor:
         self.targets = [Target.from_json(t) for t in record.targets]
         self.reconnects = 0
         self.state = "watching"
+        self.notes = Notes(log)
 
     def publish(self, **extra: object) -> None:
         devices.write_state(
@@ -113,7 +113,7 @@ class Supervisor:
         self.state = "reconnecting"
         self.publish(cause=cause)
         log.warning("/dev/nbd%d: %s; reconnecting", self.index, cause)
-        delay = FIRST_BACKOFF
+        pauses = backoff()  # connect.py: 0.1 s doubling to 1 s, jittered
         while devices.is_connected(self.index):
             if await self._round():
                 waited = time.monotonic() - started
@@ -129,44 +129,41 @@ class Supervisor:
                     cause,
                 )
                 return
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, MAX_BACKOFF)
+            await trio.sleep(next(pauses))
 
     async def _try(self, target: Target) -> bool:
-        """One attempt: connect, check the image, hand the sockets over."""
+        """One attempt: connect, check the image, hand the sockets over. Whatever the
+        server does costs at most ATTEMPT_TIMEOUT a connection and is logged once per
+        kind of failure (``Notes``)."""
         record = self.record
         try:
-            if target.tls or record.relay:  # relayed here, not by a new bridge process
-                conns = await bridge_in_process(
-                    self.relays, target, record.connections, self.targets, record.identity
-                )
-            else:
-                conns = await open_connections(target, record.connections, None)
-        except AttachError as exc:
-            log.info("%s: %s", target.describe(), exc)
+            with trio.fail_after(ATTEMPT_TIMEOUT * record.connections):
+                if target.tls or record.relay:  # relayed here, not by a new bridge process
+                    conns = await bridge_in_process(
+                        self.relays, target, record.connections, self.targets, record.identity
+                    )
+                else:
+                    conns = await open_connections(target, record.connections, None)
+        except RECONNECT_ERRORS as exc:
+            self.notes.note(target, f"{exc or type(exc).__name__}", logging.INFO)
             return False
         try:
             try:
-                different = await differs(conns[0], record.identity)
-            except AttachError as exc:
-                log.warning(
-                    "/dev/nbd%d: cannot check the image %s serves: %s; will retry",
-                    self.index,
-                    target.describe(),
-                    exc,
-                )
+                with trio.fail_after(ATTEMPT_TIMEOUT):
+                    different = await differs(conns[0], record.identity)
+            except RECONNECT_ERRORS as exc:
+                self.notes.note(target, f"cannot check the image it serves: {exc}; will retry")
                 return False
             if different is not None:
                 self.state = "refusing"
                 self.publish(refused=target.describe())
-                log.error(
-                    "/dev/nbd%d: %s serves %s under %r; not reconnecting to it",
-                    self.index,
-                    target.describe(),
-                    different,
-                    target.export,
+                self.notes.note(
+                    target,
+                    f"serves {different} under {target.export!r}; not reconnecting to it",
+                    logging.ERROR,
                 )
                 return False
+            self.notes.forget(target)
             fds = tuple(socket_of(c.session.stream).fileno() for c in conns)
             await trio.to_thread.run_sync(
                 lambda: netlink.reconfigure(self.index, record.backend, sockets=fds)

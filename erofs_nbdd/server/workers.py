@@ -17,8 +17,11 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
+from ..transport.listen import close_all
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    import socket
+    from collections.abc import Callable, Sequence
 
     from ..config import ServerConfig
     from .balance import LoadBoard
@@ -49,13 +52,23 @@ def share(config: ServerConfig, workers: int) -> ServerConfig:
     return dataclasses.replace(config, limits=limits)
 
 
-def run_workers(board: LoadBoard, count: int, serve: Callable[[int], int]) -> int:
+def run_workers(
+    board: LoadBoard,
+    count: int,
+    serve: Callable[[int], int],
+    listening: Sequence[socket.socket] = (),
+) -> int:
     """Fork ``count`` processes, each running ``serve(its index)``; supervise them until
-    they have all exited after a signal. Returns the exit status for the parent."""
+    they have all exited after a signal. Returns the exit status for the parent. The
+    parent holds the ``listening`` sockets for workers it restarts, and closes them when
+    told to stop: a new server sharing the port (SO_REUSEPORT) then gets every new
+    connection, none waits in a queue nobody accepts from."""
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            close_all(list(listening))
         stopping = True
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):

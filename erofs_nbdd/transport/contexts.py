@@ -9,6 +9,7 @@ so a client may later hand its TLS socket to kernel TLS, which fails on any non-
 from __future__ import annotations
 
 import ssl
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ def _base_context(purpose: ssl.Purpose, *, system_store: bool = False) -> ssl.SS
             ctx.load_default_certs(purpose)
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if sys.version_info >= (3, 13):  # what create_default_context adds there
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the spec's MUST; GnuTLS clients default to it
     ctx.options |= ssl.OP_NO_TICKET  # TLS 1.2 session tickets
     return ctx

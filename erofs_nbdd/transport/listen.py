@@ -120,7 +120,8 @@ def _listening(family: int, address: str | tuple[object, ...]) -> socket.socket:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if REUSEPORT is not None:
-                sock.setsockopt(socket.SOL_SOCKET, REUSEPORT, 1)
+                with contextlib.suppress(OSError):  # a sandbox may refuse it: one server then
+                    sock.setsockopt(socket.SOL_SOCKET, REUSEPORT, 1)
         if family == socket.AF_INET6:  # "::" must not also claim the v4 port we bind next
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)

@@ -189,9 +189,11 @@ class TLSTransport(TLSSession, SecureTransport):
         limit = max_bytes or TRANSPORT_READ
         async with self._receive_guard:
             while True:
-                data, self._held = self._held or self._decrypt(limit), b""
+                # Held, not in a local, across the flush: a cancelled receive loses nothing.
+                self._held = self._held or self._decrypt(limit)
                 if self._outgoing.pending:  # a post-handshake message may need an answer
                     await self._flush()
+                data, self._held = self._held, b""
                 if data:
                     return data
                 if self._eof:

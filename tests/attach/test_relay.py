@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import logging
 import socket
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 import trio.lowlevel
 
+from erofs_nbd_client import relay as relay_module
 from erofs_nbd_client.connect import check_erofs, open_connections, tls_context
 from erofs_nbd_client.negotiate import Session
 from erofs_nbd_client.relay import Relay, Resume
 from erofs_nbd_client.target import Target
 from erofs_nbdd.config import ServerConfig, TLSConfig, TLSMode
-from erofs_nbdd.protocol import Negotiated
+from erofs_nbdd.protocol import Negotiated, wire
 from erofs_nbdd.server import transmit
 from erofs_nbdd.server.listener import Server
 
@@ -152,3 +154,41 @@ async def test_a_relay_never_resumes_on_another_image(
             while "connection 0 ended: kernel side closed" not in caplog.text:
                 await trio.sleep(0.05)
         second.shutdown()
+
+
+async def test_a_broken_or_silent_server_in_the_list_is_passed_over(
+    images: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resuming, the relay meets a server that greets and hangs up (as one shutting down
+    does) and one that accepts and never says a word: neither ends the relay nor holds it
+    longer than the attempt timeout; it resumes on the next server in the list."""
+    monkeypatch.setattr(relay_module, "ATTEMPT_TIMEOUT", 0.5)
+
+    async def greet_and_hang_up(stream: trio.SocketStream) -> None:
+        await stream.send_all(wire.greeting(3))
+        await trio.aclose_forcefully(stream)
+
+    async def say_nothing(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    port = free_port()
+    good = Target(host="127.0.0.1", port=port, export="demo")
+    data = (images / "demo.erofs").read_bytes()
+    srv = server(images, port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        bad = []
+        for handler in (greet_and_hang_up, say_nothing):
+            serve = partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            bad.append(Target(host="127.0.0.1", port=listener.socket.getsockname()[1]))
+        session, relay = await start_relay(nursery, good, [*bad, good])
+        await read_many(session, data, 4)
+        (conn,) = srv.connections
+        conn.evict("the test cuts the connection")
+        await read_many(session, data, 8)
+        assert relay.resumed == 1
+        assert f"127.0.0.1:{bad[1].port}" in caplog.text  # noted, once
+        await trio.aclose_forcefully(session.stream)
+        srv.shutdown()
+        nursery.cancel_scope.cancel()

@@ -85,3 +85,57 @@ def test_connections_held_at_once_are_spread_evenly(images: Path) -> None:
             assert spread == [2, 2], server.log_text()
     finally:
         assert stop_server_process(server) == 0, server.log_text()
+
+
+def test_an_upgrade_hands_every_new_connection_to_the_new_server(
+    images: Path, tmp_path: Path
+) -> None:
+    """The README's upgrade with --workers: the new server on the same port, then SIGTERM
+    to the old one. While the old one's busy client keeps it draining, every new
+    connection reaches the new server: the old parent closed its copy of the socket too
+    (else about half would wait in a queue nobody accepts from)."""
+    import shutil
+    import time
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(images / "demo.erofs", fresh / "fresh.erofs")
+    old = start_server_process(images, "--workers", "2", "--shutdown-grace", "8")
+    busy = subprocess.Popen(  # never pauses 0.1 s: the old server drains it until the grace
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import nbd,sys,time\nh=nbd.NBD(); h.connect_uri(sys.argv[1]); print(1, flush=True)\n"
+            "end=time.monotonic()+30\nwhile time.monotonic()<end:\n"
+            " h.pread(4096, 0); time.sleep(0.02)",
+            old.uri("demo"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    new = None
+    try:
+        assert busy.stdout is not None and busy.stdout.readline().strip() == "1"
+        new = start_server_process(fresh, listen=old.address)
+        assert "another server of this user listens" in new.log_text()
+        old.process.send_signal(signal.SIGTERM)
+        wait_for_log(old, "SIGTERM: shutting down", 2)  # both workers
+        time.sleep(0.5)  # the parent's close comes with the signal; let it land
+        info = require_tool("nbdinfo")
+        for _ in range(12):
+            listed = subprocess.run(
+                [info, "--list", f"nbd://{old.address}/"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert listed.returncode == 0, listed.stderr
+            assert "fresh" in listed.stdout and "demo" not in listed.stdout, listed.stdout
+        assert old.process.poll() is None  # still draining its busy client
+    finally:
+        busy.kill()
+        busy.communicate()
+        assert stop_server_process(old) == 0
+        if new is not None:
+            assert stop_server_process(new) == 0
