@@ -20,7 +20,7 @@ from erofs_nbd_client.negotiate import Session
 from erofs_nbd_client.relay import Relay, Resume
 from erofs_nbd_client.target import Target
 from erofs_nbdd.config import ServerConfig, TLSConfig, TLSMode
-from erofs_nbdd.protocol import Negotiated, wire
+from erofs_nbdd.protocol import Cmd, Negotiated, wire
 from erofs_nbdd.server import transmit
 from erofs_nbdd.server.listener import Server
 
@@ -192,3 +192,24 @@ async def test_a_broken_or_silent_server_in_the_list_is_passed_over(
         await trio.aclose_forcefully(session.stream)
         srv.shutdown()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_kernels_disconnect_reaches_the_server(
+    images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel sends NBD_CMD_DISC and closes its side at once: the relay still passes
+    the DISC on, so the server sees a proper disconnect."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    target = Target(host="127.0.0.1", port=port, export="demo")
+    srv = server(images, port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        session, _ = await start_relay(nursery, target)
+        assert await session.pread(0, 512) == (images / "demo.erofs").read_bytes()[:512]
+        await session.stream.send_all(wire.request(Cmd.DISC, 0, 0, 0))
+        await trio.aclose_forcefully(session.stream)
+        with trio.fail_after(10):
+            while "ended=disconnect" not in caplog.text:
+                await trio.sleep(0.05)
+        srv.shutdown()
