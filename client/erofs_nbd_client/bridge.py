@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import uuid
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -31,6 +32,9 @@ from .negotiate import ExportDetails, Session
 from .relay import Relay, Resume
 from .spawn import read_line, reap, spawn
 from .target import Target
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("erofs_nbd_client.bridge")
 STATUS_TIMEOUT = 120
@@ -98,13 +102,22 @@ async def start_bridge(target: Target, count: int, targets: list[Target]) -> Hel
     return Helper(pid=pid, log_path=str(log_path), connections=conns)
 
 
+def _note_relayed(target: Target) -> None:
+    devices.note_relayed(os.getpid(), target.describe())
+
+
 def _resume_order(target: Target, targets: list[Target]) -> list[Target]:
     """Where a link resumes: its own server first, then the rest of the failover list."""
     return [target, *(t for t in targets if t != target)]
 
 
 async def bridge_in_process(
-    nursery: trio.Nursery, target: Target, count: int, targets: list[Target], identity: str
+    nursery: trio.Nursery,
+    target: Target,
+    count: int,
+    targets: list[Target],
+    identity: str,
+    on_resume: Callable[[Target], None] | None = None,
 ) -> list[Connection]:
     """The bridge without a process of its own (the supervisor's reconnects): connections
     relayed in ``nursery``, resuming along ``targets`` to the image ``identity`` names;
@@ -115,7 +128,7 @@ async def bridge_in_process(
     for i, conn in enumerate(conns):
         kernel_end, ours = socket.socketpair()
         plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        nursery.start_soon(Relay(i, plain, conn.session.stream, resume).run)
+        nursery.start_soon(Relay(i, plain, conn.session.stream, resume, on_resume).run)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(kernel_end))
         out.append(Connection(conn.details, Session(stream, Negotiated(), b"")))
     return out
@@ -147,7 +160,8 @@ async def run(spec: dict[str, object]) -> int:
     async with trio.open_nursery() as nursery:
         for i, (fd, conn) in enumerate(zip(fds, conns, strict=False)):
             plain = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
-            nursery.start_soon(Relay(i, plain, conn.session.stream, resume).run)
+            relay = Relay(i, plain, conn.session.stream, resume, _note_relayed)
+            nursery.start_soon(relay.run)
     log.info("all connections closed; exiting")
     return 0
 

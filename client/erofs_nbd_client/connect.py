@@ -60,10 +60,14 @@ class Notes:
         self._log = logger
         self._said: dict[Target, str] = {}
 
-    def note(self, target: Target, what: str, level: int = logging.WARNING) -> None:
-        if self._said.get(target) != what:
-            self._said[target] = what
-            self._log.log(level, "%s: %s", target.describe(), what)
+    def note(self, target: Target, what: str, level: int = logging.WARNING) -> bool:
+        """Log ``what`` of ``target`` unless it was the last thing said of it; whether
+        it was logged."""
+        if self._said.get(target) == what:
+            return False
+        self._said[target] = what
+        self._log.log(level, "%s: %s", target.describe(), what)
+        return True
 
     def forget(self, target: Target) -> None:
         """``target`` answered: its next failure is news again."""

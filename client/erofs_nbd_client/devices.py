@@ -92,6 +92,16 @@ def all_records() -> list[Record]:
     return out
 
 
+def note_relayed(helper_pid: int, server: str) -> None:
+    """A relay in helper process ``helper_pid`` resumed on ``server``: the record of its
+    device says so, for erofs-nbd-list (the helper starts before its device has a number,
+    so it is found by the pid the record keeps)."""
+    for record in all_records():
+        if helper_pid in record.helper_pids and record.server != server:
+            record.server = server
+            record.save()
+
+
 def device_path(index: int) -> str:
     return f"/dev/nbd{index}"
 

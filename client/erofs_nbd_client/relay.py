@@ -41,6 +41,8 @@ from .connect import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .target import Target
 
 log = logging.getLogger("erofs_nbd_client.relay")
@@ -73,6 +75,10 @@ class Resume:
             except RECONNECT_ERRORS as exc:
                 self.notes.note(target, f"{exc or type(exc).__name__}")
                 different = "?"
+            except Exception as exc:  # a bug of ours meeting this server: logged, not fatal
+                if self.notes.note(target, f"resuming failed: {exc!r}"):
+                    log.exception("%s: the failure", target.describe())
+                different = "?"
             except BaseException:
                 if conn is not None:
                     await trio.aclose_forcefully(conn.session.stream)
@@ -91,12 +97,19 @@ class Relay:
     """One kernel link: requests from the kernel to the server, replies back."""
 
     def __init__(
-        self, number: int, kernel: trio.abc.Stream, server: trio.abc.Stream, resume: Resume
+        self,
+        number: int,
+        kernel: trio.abc.Stream,
+        server: trio.abc.Stream,
+        resume: Resume,
+        on_resume: Callable[[Target], None] | None = None,
     ) -> None:
         self.number = number
         self.kernel = kernel
         self.server = server
         self.resume = resume
+        #: Told where the link went after each resume (in a thread: it writes records).
+        self.on_resume = on_resume
         self.ledger = Ledger()
         #: Sends to the server, so that what a reconnect sends again and what comes
         #: meanwhile go in order, each once.
@@ -212,6 +225,8 @@ class Relay:
             self._connected = True
             await self._send(self.ledger.unsent())
         self.resumed += 1
+        if self.on_resume is not None:
+            await trio.to_thread.run_sync(self.on_resume, target)
         log.warning(
             "connection %d: resumed on %s after %.2f s, %d request(s) sent again",
             self.number,

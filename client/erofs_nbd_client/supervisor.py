@@ -95,6 +95,12 @@ class Supervisor:
                 if self.index not in _drain(raw):
                     cause = None
 
+    def _relayed(self, target: Target) -> None:
+        """One of our relays resumed on ``target`` (called in a thread)."""
+        self.record.server = target.describe()
+        self.record.save()
+        self.publish()
+
     async def _round(self) -> bool:
         """One attempt along the server list; whether a server took over the device."""
         for target in self.targets:
@@ -140,7 +146,12 @@ class Supervisor:
             with trio.fail_after(ATTEMPT_TIMEOUT * record.connections):
                 if target.tls or record.relay:  # relayed here, not by a new bridge process
                     conns = await bridge_in_process(
-                        self.relays, target, record.connections, self.targets, record.identity
+                        self.relays,
+                        target,
+                        record.connections,
+                        self.targets,
+                        record.identity,
+                        self._relayed,
                     )
                 else:
                     conns = await open_connections(target, record.connections, None)

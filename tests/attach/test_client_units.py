@@ -100,6 +100,30 @@ def test_records_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert devices.load_record(3) is None
 
 
+def test_a_relay_that_moved_updates_its_devices_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge does not know its device's number: the record that lists its pid is
+    the one that now names the server its relay resumed on, and no other."""
+    monkeypatch.setattr(devices, "RUN_DIR", tmp_path / "run")
+    for index, pids in ((1, [111, 112]), (2, [222])):
+        devices.Record(
+            index=index,
+            backend="b",
+            server="nbds://a/x",
+            export="x",
+            connections=1,
+            mountpoint="/m",
+            size=1,
+            helper_pids=pids,
+        ).save()
+    devices.note_relayed(111, "nbds://b/x")
+    assert [(r.index, r.server) for r in devices.all_records()] == [
+        (1, "nbds://b/x"),
+        (2, "nbds://a/x"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "index"),
     [("/dev/nbd3", 3), ("nbd12", 12), ("/dev/sda", None), ("/mnt", None), ("nbdx", None)],

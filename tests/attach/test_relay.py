@@ -44,16 +44,20 @@ def server(images: Path, port: int, certs: Path | None = None) -> Server:
 
 async def start_relay(
     nursery: trio.Nursery, target: Target, targets: list[Target] | None = None
-) -> tuple[Session, Relay]:
-    """A relay to ``target`` as the bridge makes one, and the kernel's side of it."""
+) -> tuple[Session, Relay, list[Target]]:
+    """A relay to ``target`` as the bridge makes one, and the kernel's side of it; the
+    list it returns is where the relay resumed, in order."""
     (conn,) = await open_connections(target, 1, tls_context(target))
     identity = await check_erofs(conn)
     kernel_end, ours = socket.socketpair()
     plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-    relay = Relay(0, plain, conn.session.stream, Resume(targets or [target], identity))
+    moves: list[Target] = []
+    relay = Relay(
+        0, plain, conn.session.stream, Resume(targets or [target], identity), moves.append
+    )
     nursery.start_soon(relay.run)
     kernel = trio.SocketStream(trio.socket.from_stdlib_socket(kernel_end))
-    return Session(kernel, Negotiated(), b""), relay
+    return Session(kernel, Negotiated(), b""), relay, moves
 
 
 async def read_many(session: Session, data: bytes, count: int) -> None:
@@ -83,7 +87,7 @@ async def test_a_planned_restart_is_invisible(
     old, new = server(images, port, certs), server(images, port, certs)
     async with trio.open_nursery() as nursery:
         await nursery.start(old.run)
-        session, relay = await start_relay(nursery, target)
+        session, relay, moves = await start_relay(nursery, target)
         await read_many(session, data, 8)
         await nursery.start(new.run)
         old.shutdown()
@@ -94,6 +98,7 @@ async def test_a_planned_restart_is_invisible(
         await read_many(session, data, 8)
         assert "grace period over" not in caplog.text
         assert len(new.connections) == 1
+        assert moves == [target]
         await trio.aclose_forcefully(session.stream)  # the kernel side closes: the relay ends
         new.shutdown()
 
@@ -108,7 +113,7 @@ async def test_requests_in_flight_on_a_lost_connection_are_sent_again(
     caplog.set_level(logging.INFO)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
-        session, relay = await start_relay(nursery, target)
+        session, relay, moves = await start_relay(nursery, target)
         for round_ in range(3):
             async with trio.open_nursery() as readers:
                 readers.start_soon(read_many, session, data, 32)
@@ -118,6 +123,7 @@ async def test_requests_in_flight_on_a_lost_connection_are_sent_again(
                 (conn,) = srv.connections
                 conn.evict("the test cuts the connection")  # replies in flight are lost
             assert relay.resumed == round_ + 1
+        assert moves == [target] * 3
         assert "request(s) sent again" in caplog.text
         await trio.aclose_forcefully(session.stream)
         srv.shutdown()
@@ -138,7 +144,7 @@ async def test_a_relay_never_resumes_on_another_image(
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
         await nursery.start(second.run)
-        session, relay = await start_relay(nursery, a, [a, b])
+        session, relay, moves = await start_relay(nursery, a, [a, b])
         assert await session.pread(0, 4096) == (images / "demo.erofs").read_bytes()[:4096]
         first.shutdown()
         with trio.fail_after(10):
@@ -149,6 +155,7 @@ async def test_a_relay_never_resumes_on_another_image(
             pytest.fail("a read was answered by another image")
         assert all(c.stats.requests == 1 for c in second.connections)  # the check only
         assert relay.resumed == 0
+        assert moves == []
         await trio.aclose_forcefully(session.stream)
         with trio.fail_after(5):
             while "connection 0 ended: kernel side closed" not in caplog.text:
@@ -182,12 +189,13 @@ async def test_a_broken_or_silent_server_in_the_list_is_passed_over(
             serve = partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
             (listener,) = await nursery.start(serve)
             bad.append(Target(host="127.0.0.1", port=listener.socket.getsockname()[1]))
-        session, relay = await start_relay(nursery, good, [*bad, good])
+        session, relay, moves = await start_relay(nursery, good, [*bad, good])
         await read_many(session, data, 4)
         (conn,) = srv.connections
         conn.evict("the test cuts the connection")
         await read_many(session, data, 8)
         assert relay.resumed == 1
+        assert moves == [good]  # told where it went
         assert f"127.0.0.1:{bad[1].port}" in caplog.text  # noted, once
         await trio.aclose_forcefully(session.stream)
         srv.shutdown()
@@ -205,7 +213,7 @@ async def test_the_kernels_disconnect_reaches_the_server(
     srv = server(images, port)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
-        session, _ = await start_relay(nursery, target)
+        session, _, _ = await start_relay(nursery, target)
         assert await session.pread(0, 512) == (images / "demo.erofs").read_bytes()[:512]
         await session.stream.send_all(wire.request(Cmd.DISC, 0, 0, 0))
         await trio.aclose_forcefully(session.stream)
