@@ -30,6 +30,8 @@ from erofs_nbd_client.connect import open_connections
 from erofs_nbd_client.spawn import reap
 from erofs_nbd_client.target import Target
 
+from .tls_flood import free_port
+
 if TYPE_CHECKING:
     from erofs_nbd_client.negotiate import Session
 
@@ -120,13 +122,6 @@ def main() -> int:
             server.terminate()
             server.wait(30)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:

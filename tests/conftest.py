@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,14 @@ import pytest
 # Kernel tests need root and the NBD driver: they run inside the VM (tests/vm/vmrun.py), which
 # sets VMRUN_GUEST; the host run leaves them out rather than skipping them.
 collect_ignore = [] if os.environ.get("VMRUN_GUEST") else ["kernel"]
+
+
+def free_port() -> int:
+    """A loopback port free now (closed again for the test's server to bind)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def require_tool(name: str) -> str:

@@ -24,17 +24,10 @@ from erofs_nbdd.protocol import Cmd, Negotiated, wire
 from erofs_nbdd.server import transmit
 from erofs_nbdd.server.listener import Server
 
-from ..conftest import mkfs
+from ..conftest import free_port, mkfs
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def server(images: Path, port: int, certs: Path | None = None) -> Server:

@@ -3,7 +3,6 @@ pauses, then closes between requests; a new server can hold the port meanwhile."
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 import pytest
@@ -14,19 +13,13 @@ from erofs_nbdd.config import Limits, ServerConfig
 from erofs_nbdd.server import transmit
 from erofs_nbdd.server.listener import Server
 
+from ..conftest import free_port
 from .helpers import read_all
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from .conftest import Connect
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_a_stopping_server_answers_until_its_client_pauses(
