@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(erofs-utils libnbd-bin python3-libnbd nbdkit qemu-utils fio python3-venv kmod)
+APT_PACKAGES=(erofs-utils libnbd-bin python3-libnbd nbdkit qemu-utils fio python3-venv kmod
+    docker-registry skopeo apache2-utils curl)
 VENV=${VENV:-.venv}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -18,15 +18,19 @@ from .config import (
     DEFAULT_CERT_DAYS,
     DEFAULT_PORT,
     Limits,
+    RegistryConfig,
     ServerConfig,
     TLSConfig,
     TLSMode,
     parse_allow,
 )
 from .memory import tune_malloc
+from .registry.reference import BadReference, is_registry_source, parse_source
 from .server.balance import LoadBoard
 from .server.listener import Server, bind_listen
 from .server.workers import run_workers, share
+from .storage.blobcache import parse_size
+from .storage.sources import SourceError, build_catalog, check_registries
 from .transport.contexts import TLSSetupError
 from .transport.listen import ListenError, describe, parse_listen
 
@@ -103,11 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
         "serve",
-        help="serve every EROFS image in a directory",
-        description="Serve every EROFS image below DIR as a read-only NBD export named by its "
-        "path relative to DIR without '.erofs'.",
+        help="serve the EROFS images of directories and registries",
+        description="Serve every EROFS image below each DIR as a read-only NBD export named by "
+        "its path relative to DIR without '.erofs', and the EROFS-native images of registries "
+        "(oci://HOST[:PORT]/REPOSITORY, oci+http:// for plain HTTP, oci://HOST[:PORT] for its "
+        "whole catalog) as REPOSITORY:TAG and REPOSITORY@sha256:HEX.",
     )
-    s.add_argument("directory", type=Path, metavar="DIR")
+    s.add_argument("sources", nargs="+", metavar="SOURCE", help="DIR or oci://HOST[:PORT][/REPO]")
     s.add_argument(
         "--listen",
         action="append",
@@ -152,6 +158,47 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECONDS" if kind is float else "N",
             help=f"{help_text} (default {default:g})",
         )
+    r = s.add_argument_group("registry sources", "README: Registry sources")
+    r.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="where registry blobs are cached by digest (default $XDG_CACHE_HOME/erofs-nbdd)",
+    )
+    r.add_argument(
+        "--cache-size",
+        default="10G",
+        metavar="SIZE",
+        help="most disk the cache may use, e.g. 20G or 512M (default %(default)s)",
+    )
+    r.add_argument(
+        "--source-timeout",
+        type=float,
+        default=RegistryConfig.source_timeout,
+        metavar="SECONDS",
+        help="how long a read of an uncached range retries a failing registry before it "
+        "gets EIO (default %(default)s)",
+    )
+    r.add_argument(
+        "--authfile",
+        type=Path,
+        metavar="FILE",
+        help="registry credentials (containers auth.json form) instead of the standard files",
+    )
+    r.add_argument(
+        "--certs-d",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory laid out like /etc/containers/certs.d (HOST:PORT/*.crt), searched "
+        "first; repeatable",
+    )
+    r.add_argument(
+        "--platform",
+        metavar="OS/ARCH",
+        help="the image chosen from multi-platform indexes (default: this machine's)",
+    )
     t = s.add_argument_group("TLS")
     t.add_argument(
         "--tls",
@@ -237,8 +284,36 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         seal=args.tls_seal == "auto",
     )
     tls.check()
+    directories = [p for p in args.sources if not is_registry_source(p)]
+    for text in args.sources:
+        if is_registry_source(text):
+            try:
+                parse_source(text)
+            except BadReference as exc:
+                raise UsageError(str(exc)) from None
+        elif not Path(text).is_dir():
+            raise UsageError(
+                f"{text} is not a directory (a registry is oci://HOST[:PORT]/REPOSITORY)"
+            )
+    try:
+        cache_size = parse_size(args.cache_size)
+    except ValueError as exc:
+        raise UsageError(f"--cache-size: {exc}") from None
+    if args.source_timeout <= 0:
+        raise UsageError("--source-timeout must be above 0")
+    root = Path(directories[0]) if directories else None
+    rest = [t for t in args.sources if t != directories[0]] if directories else list(args.sources)
     return ServerConfig(
-        root=args.directory,
+        root=root,
+        sources=tuple(rest),
+        registry=RegistryConfig(
+            cache_dir=args.cache,
+            cache_size=cache_size,
+            source_timeout=args.source_timeout,
+            authfile=args.authfile,
+            certs_d=tuple(args.certs_d),
+            platform=args.platform,
+        ),
         tls=tls,
         listen=listen,
         default_export=args.default_export,
@@ -266,6 +341,14 @@ async def _serve_until_signalled(
 
             nursery.start_soon(on_signal)
             # server.run returns after shutdown drains; on_signal has returned by then
+
+
+async def _check_sources(config: ServerConfig) -> None:
+    catalog = build_catalog(config)
+    try:
+        await check_registries(catalog)
+    finally:
+        await catalog.aclose()
 
 
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -313,13 +396,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = _config(args)
-        if not args.directory.is_dir():
-            parser.error(f"{args.directory} is not a directory")
         if not 0 <= args.busy_poll <= 10_000:
             raise UsageError("--busy-poll takes 0..10000 microseconds")
         if args.workers < 1:
             raise UsageError(f"--workers must be at least 1, not {args.workers}")
+        if config.registry_sources:
+            trio.run(_check_sources, config)
         sockets = bind_listen(config.listen)
+    except SourceError as exc:
+        print(f"erofs-nbdd: {exc}", file=sys.stderr)
+        return ExitStatus.ERROR
     except (ListenError, TLSSetupError, UsageError) as exc:
         print(f"erofs-nbdd: {exc}", file=sys.stderr)
         return ExitStatus.USAGE

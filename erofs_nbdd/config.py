@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from .protocol import DEFAULT_MAX_PAYLOAD
 from .transport.contexts import TLSSetupError
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 DEFAULT_PORT = 10809
 #: Validity of new leaf certificates: what browsers still accept; the CA gets 10 years.
@@ -104,9 +102,32 @@ class Limits:
     shutdown_grace: float = 10.0
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/erofs-nbdd``, as the XDG base directory spec places caches."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "erofs-nbdd"
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """How registry sources are reached and cached (README: Registry sources)."""
+
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    cache_size: int = 10 << 30
+    #: Seconds a read of an uncached range keeps retrying a registry that fails.
+    source_timeout: float = 30.0
+    #: Credentials file used instead of the standard ones (as skopeo --authfile).
+    authfile: Path | None = None
+    #: Directories laid out like /etc/containers/certs.d, searched before the standard ones.
+    certs_d: tuple[Path, ...] = ()
+    #: os/arch[/variant] chosen from multi-platform indexes (None: this machine's).
+    platform: str | None = None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    root: Path
+    #: The first directory of images (None when every source is a registry).
+    root: Path | None
     listen: tuple[str, ...] = (f":{DEFAULT_PORT}",)
     default_export: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -119,3 +140,15 @@ class ServerConfig:
     #: Read what misses the page cache through io_uring where the kernel allows it (else,
     #: and with False, on threads): the event loop then only queues reads and collects them.
     io_uring: bool = True
+    #: More sources after ``root``: directories, and registries as ``oci://HOST/REPO``.
+    sources: tuple[str, ...] = ()
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    @property
+    def directories(self) -> list[Path]:
+        extra = [Path(s) for s in self.sources if not s.startswith(("oci://", "oci+http://"))]
+        return ([self.root] if self.root is not None else []) + extra
+
+    @property
+    def registry_sources(self) -> list[str]:
+        return [s for s in self.sources if s.startswith(("oci://", "oci+http://"))]

@@ -38,6 +38,7 @@ from ..protocol import (
     TransmissionFlag,
     UnsupportedOption,
 )
+from ..storage.catalog import Catalog
 from ..storage.file import FileBackendFactory
 from ..transport.contexts import peer_common_name, peer_subject
 from ..transport.sealing import Sealing
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
     from ..config import ServerConfig
     from ..storage.backend import Backend, BackendFactory
+    from ..storage.catalog import Listed
     from ..storage.exports import Export, ExportDirectory
     from ..transport.base import Transport
     from ..transport.keylog import KeyLog
@@ -80,7 +82,7 @@ class Connection:
         transport: Transport,
         peer: str,
         config: ServerConfig,
-        exports: ExportDirectory,
+        exports: Catalog | ExportDirectory,
         ssl_context: ssl.SSLContext | None = None,
         *,
         share: Share | None = None,
@@ -96,7 +98,7 @@ class Connection:
         self.peer = peer
         self.config = config
         self.limits = config.limits
-        self.exports = exports
+        self.exports = exports if isinstance(exports, Catalog) else Catalog([exports])
         self._backends = backends or FileBackendFactory(io_uring=config.io_uring)
         self.stats = Stats()
         self.handshake = ServerHandshake(max_option_length=config.limits.max_option_length)
@@ -218,7 +220,7 @@ class Connection:
         if isinstance(event, AbortOption):
             await self._send(hs.send_ack())
         elif isinstance(event, ListOption):
-            exports = [e for e in (await self._scan()).values() if self._refusal(e) is None]
+            exports = [e for e in await self.exports.listing() if self._refusal(e) is None]
             if self._listed is None:
                 self._listed = {e.name: LISTED_FREE for e in exports}
             parts = [hs.send_server(e.name, e.description) for e in exports]
@@ -240,17 +242,14 @@ class Connection:
         elif isinstance(event, InvalidOption):
             await self._send(hs.send_error(event.rep, event.message))
 
-    async def _scan(self) -> dict[str, Export]:
-        return await trio.to_thread.run_sync(self.exports.scan)
-
     async def _lookup(self, name: str) -> Export | tuple[Rep, str]:
         """The export a name selects, or the error reply that refuses it."""
-        found = self.exports.resolve_name(name, await self._scan())
+        found = await self.exports.lookup(name)
         if isinstance(found, str):
             return Rep.ERR_UNKNOWN, found
         return self._refusal(found) or found
 
-    def _refusal(self, export: Export) -> tuple[Rep, str] | None:
+    def _refusal(self, export: Export | Listed) -> tuple[Rep, str] | None:
         """Why this client may not use ``export`` (--tls-allow), or None."""
         names = self.tls.restricted(export.name)
         if names is None:
@@ -306,7 +305,7 @@ class Connection:
             try:
                 backend = self._open(found)
             except OSError as exc:
-                log.warning("%s: cannot open %s: %s", self.peer, found.path, exc)
+                log.warning("%s: cannot open %s: %s", self.peer, found.path or found.name, exc)
                 await self._send(hs.send_error(Rep.ERR_UNKNOWN, f"cannot open export: {exc}"))
                 return
             size = self._select(found, backend)
@@ -360,7 +359,7 @@ class Connection:
         try:
             backend = self._open(found)
         except OSError as exc:
-            raise ClientGone(f"cannot open {found.path}: {exc}") from exc
+            raise ClientGone(f"cannot open {found.path or found.name}: {exc}") from exc
         size = self._select(found, backend)
         await self._send(self.handshake.send_export_name_reply(size, self._flags()))
 

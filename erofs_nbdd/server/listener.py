@@ -16,8 +16,8 @@ from ..config import TLSMode
 from ..memory import release_free_memory
 from ..protocol import ProtocolError
 from ..storage import uring
-from ..storage.exports import ExportDirectory
 from ..storage.file import FileBackendFactory
+from ..storage.sources import build_catalog
 from ..transport import ktls
 from ..transport.base import Policy
 from ..transport.contexts import server_context
@@ -107,7 +107,7 @@ class Server:
         self._seat = seat
         #: Connections accepted and not yet closed (refused ones too, while refusing).
         self._held = 0
-        self.exports = ExportDirectory(config.root, default_export=config.default_export)
+        self.exports = build_catalog(config)
         self.connections: set[Connection] = set()
         #: Each client address's connections and reply bytes.
         self.pool = Pool(limits.max_server_buffer, per_client=limits.max_client_buffer)
@@ -141,15 +141,19 @@ class Server:
         as worker processes share them) or on the configured addresses; ``started`` gets
         the addresses."""
         config = self.config
-        found = await trio.to_thread.run_sync(self.exports.scan)
-        log.info(
-            "serving %d export(s) from %s: %s",
-            len(found),
-            self.exports.root,
-            ", ".join(found) or "-",
-        )
-        if config.default_export is not None and config.default_export not in found:
-            log.warning("--default-export %r names no export (yet)", config.default_export)
+        found = await self.exports.files()
+        if self.exports.directories:
+            log.info(
+                "serving %d export(s) from %s: %s",
+                len(found),
+                ", ".join(str(d.root) for d in self.exports.directories),
+                ", ".join(found) or "-",
+            )
+        for registry in self.exports.registries:
+            log.info("serving the EROFS images of %s (cache %s)", registry, registry.cache.root)
+        default = config.default_export
+        if default is not None and default not in found and not self.exports.registries:
+            log.warning("--default-export %r names no export (yet)", default)
         if sockets is None:
             sockets = bind_listen(config.listen)
         addresses = [describe(s) for s in sockets]
@@ -176,6 +180,8 @@ class Server:
                         task_status.started(addresses)
                 if self.connections:
                     log.info("stopped accepting; %d connection(s) finishing", len(self.connections))
+        with trio.CancelScope(shield=True):
+            await self.exports.aclose()
         log.info("server stopped")
 
     def _log_tls(self) -> None:

@@ -19,11 +19,15 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from ..erofs import SUPERBLOCK_OFFSET, NotErofs, Superblock, parse_superblock
 from ..protocol.constants import MAX_STRING
 from .file import file_kind, open_regular
 from .pagecache import can_see
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +39,27 @@ MAX_DEPTH = 64
 _Key = tuple[int, int, int, int]
 
 
+class Remote(Protocol):
+    """Where a registry export's bytes come from (storage/oci.py)."""
+
+    def open(self, *, io_uring: bool) -> Backend: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Export:
     name: str
-    path: Path  # resolved, inside the export root
+    path: Path | None  # a file export's image, resolved, inside the export root
     size: int
     superblock: Superblock
+    #: A registry export's blob (path is None then).
+    remote: Remote | None = None
+    #: What the source says of it before the superblock's description (the manifest).
+    note: str = ""
 
     @property
     def description(self) -> str:
-        return self.superblock.describe(self.size)
+        described = self.superblock.describe(self.size)
+        return f"{self.note}; {described}" if self.note else described
 
 
 def export_name(relative: str) -> str:

@@ -13,6 +13,7 @@ from . import threads, uring
 from .pagecache import PageCache
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .exports import Export
 
 #: preadv's answers to RWF_NOWAIT on a file system that cannot honour it.
@@ -64,10 +65,18 @@ class FileBackend:
     a regular file since the scan (a FIFO put in its place) raises NotRegularFile at once
     rather than hanging the open."""
 
-    def __init__(self, path: os.PathLike[str] | str, *, io_uring: bool = True) -> None:
-        self._fd, st = open_regular(path)
+    def __init__(
+        self, path: os.PathLike[str] | str | int, *, io_uring: bool = True, size: int = -1
+    ) -> None:
+        """``path``, or (an int) a descriptor this backend then owns, of ``size`` bytes."""
+        if isinstance(path, int):
+            self._fd = path
+            st_size = size
+        else:
+            self._fd, st = open_regular(path)
+            st_size = st.st_size
         try:
-            self._size = st.st_size
+            self._size = st_size
             self._cache = PageCache(self._fd, self._size)
         except BaseException:
             os.close(self._fd)
@@ -151,10 +160,13 @@ class FileBackend:
 
 
 class FileBackendFactory:
-    """The server's default: each export's image file."""
+    """The server's default: each export's image file, or its blob in the registry cache."""
 
     def __init__(self, *, io_uring: bool = True) -> None:
         self.io_uring = io_uring
 
-    def __call__(self, export: Export) -> FileBackend:
+    def __call__(self, export: Export) -> Backend:
+        if export.remote is not None:
+            return export.remote.open(io_uring=self.io_uring)
+        assert export.path is not None
         return FileBackend(export.path, io_uring=self.io_uring)

@@ -1,0 +1,274 @@
+"""An OCI distribution client over httpx: the few calls a server and ``push`` make.
+
+Errors come in three kinds, as callers treat them differently: ``AuthError`` and
+``TrustError`` (fix the configuration), ``NotFound`` (the name is wrong), ``Unreachable``
+(try again later: connection failures, timeouts, 5xx, 429).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin
+
+import httpx
+
+from .auth import AuthError, RegistryAuth
+from .credentials import tls_context
+from .manifest import ACCEPT, MAX_MANIFEST, sha256_digest
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
+
+    from .credentials import Credentials
+    from .reference import RegistrySpec
+
+log = logging.getLogger(__name__)
+# httpx logs each request at INFO: URLs carry no secret, but one line a chunk is noise
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+#: Connections one server keeps to one registry: the most fetches in flight at once.
+MAX_CONNECTIONS = 16
+#: Pages asked of the catalog and tag lists.
+PAGE = 1000
+MAX_PAGES = 100
+
+__all__ = ["AuthError", "NotFound", "RegistryClient", "RegistryError", "TrustError", "Unreachable"]
+
+
+class RegistryError(Exception):
+    """Something the registry said or did that keeps a request from succeeding."""
+
+
+class Unreachable(RegistryError):
+    """Not reached now (connection, timeout, 5xx, 429): worth retrying."""
+
+
+class TrustError(RegistryError):
+    """The registry's TLS certificate was refused."""
+
+
+class NotFound(RegistryError):
+    pass
+
+
+def _trust_problem(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        if isinstance(seen, ssl.SSLError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        spec: RegistrySpec,
+        credentials: Credentials | None,
+        *,
+        certs_d: tuple[Path, ...] = (),
+        timeout: float = 10.0,
+    ) -> None:
+        self.spec = spec
+        self.auth = RegistryAuth(spec.host, credentials)
+        verify: ssl.SSLContext | bool = tls_context(spec.host, certs_d) if spec.tls else False
+        self._http = httpx.AsyncClient(
+            base_url=spec.base_url,
+            auth=self.auth,
+            verify=verify,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
+            ),
+            follow_redirects=True,  # blobs 307 to object storage; httpx drops our auth there
+            headers={"User-Agent": "erofs-nbdd"},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _wrap(self, exc: Exception, what: str) -> RegistryError:
+        problem = _trust_problem(exc)
+        if problem is not None:
+            return TrustError(f"{self.spec.host}: its TLS certificate was refused: {problem}")
+        if isinstance(exc, AuthError):
+            return RegistryError(str(exc))
+        reason = str(exc) or type(exc).__name__
+        return Unreachable(f"{self.spec.host}: {what}: {reason}")
+
+    async def _request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: object
+    ) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, headers=headers, **kw)  # type: ignore[arg-type]
+        except AuthError:
+            raise
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._wrap(exc, f"{method} {path}") from exc
+        self._check(response, f"{method} {path}")
+        return response
+
+    def _check(self, response: httpx.Response, what: str) -> None:
+        status = response.status_code
+        if status < 300:
+            return
+        if status == 404:
+            raise NotFound(f"{self.spec.host}: {what}: not found")
+        if status >= 500 or status == 429:
+            raise Unreachable(f"{self.spec.host}: {what}: HTTP {status}")
+        if status in (401, 403):
+            raise AuthError(f"{self.spec.host}: {what}: HTTP {status} (access denied)")
+        raise RegistryError(f"{self.spec.host}: {what}: HTTP {status}")
+
+    async def check(self) -> None:
+        """``GET /v2/``: reachable, trusted, and our credentials good (a token registry is
+        asked for a token; basic registries check the password here)."""
+        try:
+            await self._request("GET", "/v2/")
+        except AuthError as exc:
+            raise AuthError(str(exc)) from None
+
+    async def _pages(self, path: str, key: str) -> list[str]:
+        found: list[str] = []
+        url: str | None = f"{path}?n={PAGE}"
+        for _ in range(MAX_PAGES):
+            if url is None:
+                break
+            response = await self._request("GET", url)
+            try:
+                values = response.json().get(key) or []
+            except (ValueError, AttributeError) as exc:
+                raise RegistryError(f"{self.spec.host}: {path}: not JSON") from exc
+            found.extend(str(v) for v in values)
+            following = response.links.get("next", {}).get("url")
+            url = urljoin(url, following) if following else None
+        return found
+
+    async def catalog(self) -> list[str]:
+        return await self._pages("/v2/_catalog", "repositories")
+
+    async def tags(self, repository: str) -> list[str]:
+        return await self._pages(f"/v2/{repository}/tags/list", "tags")
+
+    async def manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
+        """A manifest's bytes, digest and Content-Type; a digest reference is checked."""
+        response = await self._request(
+            "GET", f"/v2/{repository}/manifests/{reference}", headers={"Accept": ACCEPT}
+        )
+        data = response.content
+        if len(data) > MAX_MANIFEST:
+            raise RegistryError(f"{self.spec.host}: a manifest of {len(data)} bytes")
+        digest = sha256_digest(data)
+        claimed = response.headers.get("Docker-Content-Digest")
+        if reference.startswith("sha256:") and digest != reference:
+            raise RegistryError(
+                f"{self.spec.host}: {repository}@{reference}: the manifest sent has digest {digest}"
+            )
+        if claimed and claimed.startswith("sha256:") and claimed != digest:
+            log.warning(
+                "%s: %s:%s: the registry says digest %s, the bytes are %s; using the bytes'",
+                self.spec.host,
+                repository,
+                reference,
+                claimed,
+                digest,
+            )
+        return data, digest, response.headers.get("Content-Type", "")
+
+    async def blob_size(self, repository: str, digest: str) -> int:
+        response = await self._request("HEAD", f"/v2/{repository}/blobs/{digest}")
+        try:
+            return int(response.headers["Content-Length"])
+        except (KeyError, ValueError) as exc:
+            raise RegistryError(f"{self.spec.host}: {digest}: no size in HEAD") from exc
+
+    async def read_blob(
+        self,
+        repository: str,
+        digest: str,
+        start: int,
+        end: int,
+        sink: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        """Bytes ``start`` to ``end`` (exclusive) of a blob, handed to ``sink(offset, data)``
+        as they arrive (memory stays one network read per request)."""
+        path = f"/v2/{repository}/blobs/{digest}"
+        what = f"GET {path} bytes {start}-{end - 1}"
+        try:
+            async with self._http.stream(
+                "GET", path, headers={"Range": f"bytes={start}-{end - 1}"}
+            ) as response:
+                self._check(response, what)
+                at = start if response.status_code == 206 else 0  # 200: the whole blob
+                async for data in response.aiter_bytes():
+                    if at + len(data) <= start:
+                        at += len(data)
+                        continue
+                    if at < start:
+                        data = data[start - at :]
+                        at = start
+                    data = data[: end - at]
+                    if data:
+                        await sink(at, data)
+                        at += len(data)
+                    if at >= end:
+                        break
+        except RegistryError:
+            raise
+        except AuthError:
+            raise
+        except (httpx.HTTPError, OSError) as exc:
+            raise self._wrap(exc, what) from exc
+        if at < end:
+            raise Unreachable(f"{self.spec.host}: {what}: the answer ended at byte {at}")
+
+    async def has_blob(self, repository: str, digest: str) -> bool:
+        try:
+            await self._request("HEAD", f"/v2/{repository}/blobs/{digest}")
+        except NotFound:
+            return False
+        return True
+
+    async def upload_blob(
+        self, repository: str, digest: str, size: int, chunks: AsyncIterator[bytes]
+    ) -> None:
+        """POST an upload, PATCH its bytes as ``chunks`` yields them, PUT it closed."""
+        response = await self._request("POST", f"/v2/{repository}/blobs/uploads/")
+        location = response.headers.get("Location")
+        sent = 0
+        async for data in chunks:
+            if location is None:
+                raise RegistryError(f"{self.spec.host}: an upload without a Location")
+            response = await self._request(
+                "PATCH",
+                location,
+                content=data,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{sent}-{sent + len(data) - 1}",
+                },
+            )
+            sent += len(data)
+            location = response.headers.get("Location", location)
+        if location is None or sent != size:
+            raise RegistryError(f"{self.spec.host}: upload of {digest} sent {sent} of {size}")
+        sep = "&" if "?" in location else "?"
+        await self._request("PUT", f"{location}{sep}digest={digest}", content=b"")
+
+    async def put_manifest(
+        self, repository: str, reference: str, data: bytes, media_type: str
+    ) -> str:
+        response = await self._request(
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            content=data,
+            headers={"Content-Type": media_type},
+        )
+        return response.headers.get("Docker-Content-Digest") or sha256_digest(data)

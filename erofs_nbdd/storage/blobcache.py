@@ -1,0 +1,499 @@
+"""Registry blobs on local disk, by digest, filled on demand a chunk at a time.
+
+Layout under the cache directory (so two tags or two repositories with one layer share a
+copy, and a restart keeps everything)::
+
+    blobs/sha256/HEX        a whole blob, verified against its digest
+    partial/sha256/HEX      a blob being filled: a sparse file of the blob's size
+    partial/sha256/HEX.map  one byte per chunk: 1 once that chunk's bytes are written
+
+A blob's bytes sit at their own offsets in a plain file, so cached ranges are served by the
+file path (page cache, sendfile, io_uring) like any image. A missing chunk is fetched with
+one HTTP Range request, which every reader of it waits for; a sequential reader's misses
+widen the request (read-ahead). The map byte is written after the chunk's data, so a chunk
+marked present is whole. When the last chunk lands the file is hashed: a match moves it to
+``blobs/``, a mismatch discards it and the blob is refused until BAD_RETRY passes.
+
+Eviction keeps the disk use under the cache size, least recently opened first, and never
+takes a blob someone reads: every open blob holds a shared flock on its file (across
+``--workers`` processes too), and eviction takes only files it can lock exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from ..ranges import ImageUnreadable
+from . import threads
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+#: The most chunks a sequential reader's request grows to (8 MiB).
+READAHEAD_MAX = 8
+#: Longest single Range request, in chunks.
+MAX_RUN = 16
+#: Seconds a blob that failed its digest check is refused before it is fetched again.
+BAD_RETRY = 300.0
+FIRST_DELAY = 0.1
+MAX_DELAY = 2.0
+#: A blob's modification time, its place in the LRU order, is renewed this often in use.
+TOUCH_EVERY = 60.0
+
+#: ``fetch(start, end, sink)``: bytes [start, end) of the blob, handed to ``sink(offset, data)``.
+Fetch = Callable[[int, int, Callable[[int, bytes], Awaitable[None]]], Awaitable[None]]
+#: Errors worth another try: the source raises these for timeouts, 5xx, resets.
+Transient = tuple[type[BaseException], ...]
+
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T``, ``4096`` (powers of 1024; a trailing B or iB is fine)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in UNITS and value[-1:] else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        size = float(number) * UNITS[unit]
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a size: write bytes or a number with K, M, G or T"
+        ) from None
+    if not math.isfinite(size) or size <= 0:
+        raise ValueError(f"{text!r} is not a size above zero")
+    return int(size)
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
+class Blob:
+    """One blob open in this process; shared by every connection reading it."""
+
+    def __init__(self, cache: BlobCache, digest: str, size: int, fd: int, complete: bool) -> None:
+        self.cache = cache
+        self.digest = digest
+        self.size = size
+        self.fd = fd
+        self.complete = complete
+        self.chunks = max(1, -(-size // CHUNK))
+        self._map_fd = -1
+        self.present = bytearray(b"\1" * self.chunks if complete else self.chunks)
+        self._count = self.chunks if complete else 0
+        self._pending: dict[int, trio.Event] = {}
+        self.fetch: Fetch | None = None
+        self.transient: Transient = ()
+        self.timeout = 30.0
+        #: Why the last fetch failed (for the EIO's message), or why the blob is refused.
+        self.failure: str | None = None
+        self.bad: str | None = None
+        self.refs = 0
+        self._window = 0
+        self._next = -1  # the chunk after the last read's range: a read there is sequential
+        self._touched = time.monotonic()
+        self.fetches = 0  # Range requests made (a test counts them)
+        self._verifying = False
+
+    def attach_map(self, fd: int) -> None:
+        self._map_fd = fd
+        if os.fstat(fd).st_size < self.chunks:
+            os.ftruncate(fd, self.chunks)
+        data = os.pread(fd, self.chunks, 0)
+        self.present[: len(data)] = bytes(1 if b else 0 for b in data)
+        self._count = sum(self.present)
+
+    def has(self, offset: int, length: int) -> bool:
+        if self.complete:
+            return True
+        first, last = offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK
+        return all(self.present[first : last + 1])
+
+    def _refresh(self, index: int) -> None:
+        """Another process may have written this chunk: its map byte says."""
+        if (
+            self._map_fd >= 0
+            and not self.present[index]
+            and os.pread(self._map_fd, 1, index) == b"\1"
+        ):
+            self.present[index] = 1
+            self._count += 1
+
+    async def ensure(self, offset: int, length: int) -> None:
+        """Wait until every chunk of the range is on disk, fetching what is missing."""
+        if self.bad is not None:
+            raise ImageUnreadable(self.bad)
+        self._touch()
+        if self.complete:
+            return
+        first, last = offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK
+        sequential = first in (self._next, self._next - 1)
+        self._window = min(max(1, self._window * 2), READAHEAD_MAX) if sequential else 0
+        self._next = last + 1
+        for index in range(first, min(last, self.chunks - 1) + 1):
+            if self.present[index]:
+                continue
+            event = self._pending.get(index)
+            if event is None:
+                self._refresh(index)
+                if self.present[index]:
+                    continue
+                event = self._start(index, min(last + self._window, self.chunks - 1))
+            await event.wait()
+            if self.bad is not None:
+                raise ImageUnreadable(self.bad)
+            if not self.present[index]:
+                raise ImageUnreadable(
+                    f"{self.digest} bytes {index * CHUNK}-: {self.failure or 'not fetched'}"
+                )
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start fetching the range's missing chunks, waiting for nothing (NBD_CMD_CACHE)."""
+        if self.complete or self.bad is not None:
+            return
+        last = min((offset + max(length, 1) - 1) // CHUNK, self.chunks - 1)
+        for index in range(offset // CHUNK, last + 1):
+            if not self.present[index] and index not in self._pending:
+                self._start(index, last)
+
+    def _start(self, first: int, upto: int) -> trio.Event:
+        """Fetch chunks from ``first`` on, while missing and not already coming, in one
+        request; the event of ``first`` is returned."""
+        end = first
+        while (
+            end <= upto
+            and end - first < MAX_RUN
+            and not self.present[end]
+            and end not in self._pending
+        ):
+            self._pending[end] = trio.Event()
+            end += 1
+        self.cache.hold(self)  # the fetch's: released when it ends
+        trio.lowlevel.spawn_system_task(self._fetch, first, end, name=f"fetch {self.digest}")
+        return self._pending[first]
+
+    async def _fetch(self, first: int, end: int) -> None:
+        """Chunks [first, end): retried with backoff for ``timeout`` seconds. A system
+        task, so a reader that gives up does not cancel what the others wait for."""
+        buffers: dict[int, bytearray] = {}
+        try:
+            assert self.fetch is not None
+            deadline = trio.current_time() + self.timeout
+            delay = FIRST_DELAY
+            while True:
+                todo = [i for i in range(first, end) if not self.present[i]]
+                if not todo or self.bad is not None:
+                    break
+                start = todo[0] * CHUNK
+                stop = min(end * CHUNK, self.size)
+                buffers.clear()
+                try:
+                    self.fetches += 1
+                    await self.fetch(start, stop, lambda at, data: self._land(at, data, buffers))
+                    self.failure = None
+                    break
+                except self.transient as exc:
+                    self.failure = str(exc)
+                    if trio.current_time() + delay > deadline:
+                        log.warning(
+                            "%s: giving up after %.0f s: %s", self.digest, self.timeout, exc
+                        )
+                        break
+                    self.cache.note_retry(self.digest, str(exc))
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, MAX_DELAY)
+        except Exception as exc:  # a system task must not raise: the reader gets EIO
+            self.failure = str(exc) or type(exc).__name__
+            log.warning("%s: fetch failed: %s", self.digest, self.failure)
+        finally:
+            for index in range(first, end):
+                event = self._pending.pop(index, None)
+                if event is not None:
+                    event.set()
+            verify = (
+                self._count == self.chunks
+                and not (self.complete or self._verifying)
+                and self.bad is None
+            )
+            if verify:
+                self._verifying = True
+                self.cache.hold(self)  # the verification's, released when it ends
+            self.cache.release(self)
+        if verify:
+            await self._verify()
+
+    async def _land(self, at: int, data: bytes, buffers: dict[int, bytearray]) -> None:
+        """Bytes arrived: whole chunks are written and marked (their readers go on)."""
+        while data:
+            index = at // CHUNK
+            chunk_start = index * CHUNK
+            chunk_end = min(chunk_start + CHUNK, self.size)
+            buffer = buffers.setdefault(index, bytearray())
+            if chunk_start + len(buffer) != at:
+                raise ImageUnreadable(f"{self.digest}: bytes out of order at {at}")
+            take = data[: chunk_end - at]
+            buffer += take
+            data = data[len(take) :]
+            at += len(take)
+            if at == chunk_end:
+                del buffers[index]
+                await self._write(index, bytes(buffer))
+
+    async def _write(self, index: int, data: bytes) -> None:
+        if self.present[index] or self.bad is not None:
+            return
+        await threads.run_sync(self._write_sync, index, data)
+        self.present[index] = 1
+        self._count += 1
+        self.cache.grew(len(data))
+        event = self._pending.pop(index, None)
+        if event is not None:
+            event.set()
+
+    def _write_sync(self, index: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, index * CHUNK)
+        if self._map_fd >= 0:
+            os.pwrite(self._map_fd, b"\1", index)
+
+    async def _verify(self) -> None:
+        try:
+            found = await trio.to_thread.run_sync(self._hash)
+            if found == self.digest:
+                await trio.to_thread.run_sync(self.cache.promote, self)
+                self.complete = True
+                log.info("%s: complete and verified (%d bytes)", self.digest, self.size)
+            else:
+                self.bad = (
+                    f"{self.digest}: the registry's bytes hash to {found}: the blob is "
+                    f"corrupt in the registry (or was changed in transit), and is refused"
+                )
+                log.error("%s; discarded from the cache", self.bad)
+                self.cache.discard(self)
+        except OSError as exc:
+            log.warning("%s: cannot verify it: %s", self.digest, exc)
+        finally:
+            self._verifying = False
+            self.cache.release(self)
+
+    def _hash(self) -> str:
+        h = hashlib.sha256()
+        offset = 0
+        while offset < self.size:
+            data = os.pread(self.fd, min(8 * CHUNK, self.size - offset), offset)
+            if not data:
+                break
+            h.update(data)
+            offset += len(data)
+        return "sha256:" + h.hexdigest()
+
+    def _touch(self) -> None:
+        now = time.monotonic()
+        if now - self._touched > TOUCH_EVERY:
+            self._touched = now
+            self.cache.touch(self)
+
+    def close_files(self) -> None:
+        for fd in (self.fd, self._map_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._map_fd = -1
+
+
+class BlobCache:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        for sub in ("blobs/sha256", "partial/sha256"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._open: dict[str, Blob] = {}
+        self._bad: dict[str, tuple[str, float]] = {}
+        self._retrying: set[str] = set()
+        self.used = self._measure()
+        self._full_warned = False
+
+    def _measure(self) -> int:
+        total = 0
+        for sub in ("blobs/sha256", "partial/sha256"):
+            for entry in os.scandir(self.root / sub):
+                with contextlib.suppress(OSError):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+        return total
+
+    def complete_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / _hex(digest)
+
+    def partial_path(self, digest: str) -> Path:
+        return self.root / "partial" / "sha256" / _hex(digest)
+
+    def refused(self, digest: str) -> str | None:
+        """Why this blob is refused (it failed its digest check lately), or None."""
+        found = self._bad.get(digest)
+        if found is None:
+            return None
+        if time.monotonic() - found[1] > BAD_RETRY:
+            del self._bad[digest]
+            return None
+        return found[0]
+
+    def open(self, digest: str, size: int) -> Blob:
+        """The blob, opened (with a hold the caller releases), from disk or empty."""
+        blob = self._open.get(digest)
+        if blob is None:
+            blob = self._open_files(digest, size)
+            self._open[digest] = blob
+        blob.refs += 1
+        return blob
+
+    def _open_files(self, digest: str, size: int) -> Blob:
+        for _ in range(8):  # each retry follows an eviction or a promotion racing us
+            path = self.complete_path(digest)
+            fd = self._locked(path, os.O_RDONLY)
+            if fd >= 0:
+                os.utime(path)
+                if os.fstat(fd).st_size == size:
+                    return Blob(self, digest, size, fd, complete=True)
+                os.close(fd)
+                log.warning("%s: cached copy has the wrong size; fetched again", digest)
+                path.unlink(missing_ok=True)
+            path = self.partial_path(digest)
+            fd = self._locked(path, os.O_RDWR | os.O_CREAT)
+            if fd < 0:
+                continue
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+                map_fd = os.open(
+                    path.with_name(path.name + ".map"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError:
+                os.close(fd)
+                raise
+            os.utime(path)
+            blob = Blob(self, digest, size, fd, complete=False)
+            blob.attach_map(map_fd)
+            return blob
+        raise OSError(errno.EAGAIN, f"{digest}: the cache kept changing under us")
+
+    @staticmethod
+    def _locked(path: Path, flags: int) -> int:
+        """``path`` opened and share-locked, if it still names what was opened; else -1."""
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            return -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                raise FileNotFoundError(path)
+        except FileNotFoundError:
+            os.close(fd)
+            return -1
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def hold(self, blob: Blob) -> None:
+        blob.refs += 1
+
+    def release(self, blob: Blob) -> None:
+        """One hold less; the last one closes the files (a fetch holds one too)."""
+        blob.refs -= 1
+        if blob.refs <= 0 and self._open.get(blob.digest) is blob and not blob._pending:
+            del self._open[blob.digest]
+            blob.close_files()
+
+    def touch(self, blob: Blob) -> None:
+        path = self.complete_path(blob.digest) if blob.complete else self.partial_path(blob.digest)
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+    def note_retry(self, digest: str, reason: str) -> None:
+        if digest not in self._retrying:
+            self._retrying.add(digest)
+            log.warning("%s: the registry is not answering (%s); retrying", digest, reason)
+
+    def grew(self, size: int) -> None:
+        self.used += size
+        if self.used > self.max_bytes:
+            self.evict()
+
+    def promote(self, blob: Blob) -> None:
+        """Verified: the partial file becomes the blob (readers keep their descriptors)."""
+        partial = self.partial_path(blob.digest)
+        os.rename(partial, self.complete_path(blob.digest))
+        Path(str(partial) + ".map").unlink(missing_ok=True)
+        self._retrying.discard(blob.digest)
+
+    def discard(self, blob: Blob) -> None:
+        assert blob.bad is not None
+        self._bad[blob.digest] = (blob.bad, time.monotonic())
+        partial = self.partial_path(blob.digest)
+        for path in (partial, Path(str(partial) + ".map")):
+            path.unlink(missing_ok=True)
+        self.used = self._measure()
+
+    def evict(self) -> None:
+        """Remove least recently used blobs nobody reads until under the size."""
+        entries = []
+        for sub in ("blobs/sha256", "partial/sha256"):
+            for entry in os.scandir(self.root / sub):
+                if entry.name.endswith(".map"):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                entries.append((st.st_mtime, Path(entry.path), st.st_blocks * 512))
+        entries.sort()
+        used = self._measure()
+        for _mtime, path, size in entries:
+            if used <= self.max_bytes:
+                break
+            if self._evict_one(path):
+                used -= size
+                log.info(
+                    "cache: evicted sha256:%s (%d bytes) to stay under %d",
+                    path.name,
+                    size,
+                    self.max_bytes,
+                )
+        self.used = used
+        if used > self.max_bytes and not self._full_warned:
+            self._full_warned = True
+            log.warning(
+                "cache: %d bytes used of %d: every other blob is being read; it shrinks "
+                "when they are closed",
+                used,
+                self.max_bytes,
+            )
+        elif used <= self.max_bytes:
+            self._full_warned = False
+
+    @staticmethod
+    def _evict_one(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # someone reads it
+            path.unlink(missing_ok=True)
+            Path(str(path) + ".map").unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)

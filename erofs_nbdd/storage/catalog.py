@@ -1,0 +1,107 @@
+"""Every export the server offers, over all its sources (directories and registries), and
+the one place names are resolved: a name two sources both offer goes to the first source
+on the command line, with a warning naming both, never silently."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .exports import Export, ExportDirectory
+    from .oci import RegistrySource
+
+log = logging.getLogger(__name__)
+
+
+class NotServed(Exception):
+    """A name a source knows but cannot serve; the message goes to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    name: str
+    description: str
+
+
+class Catalog:
+    def __init__(
+        self,
+        directories: list[ExportDirectory],
+        registries: list[RegistrySource] | None = None,
+        *,
+        default_export: str | None = None,
+    ) -> None:
+        self.directories = directories
+        self.registries = registries or []
+        self.default_export = default_export
+        self._collisions: set[str] = set()
+
+    def describe_sources(self) -> str:
+        return ", ".join([*(str(d.root) for d in self.directories), *map(str, self.registries)])
+
+    async def files(self) -> dict[str, Export]:
+        """Each directory's exports; the first directory's wins a shared name."""
+        found: dict[str, Export] = {}
+        for directory in self.directories:
+            for name, export in (await trio.to_thread.run_sync(directory.scan)).items():
+                if name in found:
+                    self._collide(name, str(found[name].path), str(export.path))
+                else:
+                    found[name] = export
+        return found
+
+    def _collide(self, name: str, kept: str, lost: str) -> None:
+        if name not in self._collisions:
+            self._collisions.add(name)
+            log.warning("export %r is offered twice: serving %s, not %s", name, kept, lost)
+
+    async def listing(self) -> list[Listed]:
+        files = await self.files()
+        out = [Listed(e.name, e.description) for e in files.values()]
+        seen = set(files)
+        for registry in self.registries:
+            for name, description in await registry.listing():
+                if name in seen:
+                    if name in files:
+                        self._collide(name, str(files[name].path), f"{registry} {name}")
+                    continue
+                seen.add(name)
+                out.append(Listed(name, description))
+        return out
+
+    async def lookup(self, name: str) -> Export | str:
+        """The export ``name`` selects, or a message saying why there is none."""
+        if name == "":
+            if self.default_export is not None:
+                name = self.default_export
+            else:
+                listed = await self.listing()
+                if len(listed) == 1:
+                    name = listed[0].name
+                else:
+                    names = ", ".join(sorted(e.name for e in listed)[:10]) or "none"
+                    return (
+                        f"no default export: {len(listed)} images are served ({names}); "
+                        "name one, or start the server with --default-export NAME"
+                    )
+        files = await self.files()
+        if name in files:
+            return files[name]
+        for registry in self.registries:
+            wanted = registry.parse(name)
+            if wanted is None:
+                continue
+            try:
+                return await registry.lookup(wanted)
+            except NotServed as exc:
+                log.info("%s: %s", registry, exc)
+                return str(exc)
+        return f"no export named {name!r}; list them with NBD_OPT_LIST (nbdinfo --list)"
+
+    async def aclose(self) -> None:
+        for registry in self.registries:
+            await registry.aclose()
