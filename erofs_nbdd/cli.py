@@ -241,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
         "team/*); repeatable; needs --tls-verify-peer",
     )
 
+    p = sub.add_parser(
+        "push",
+        help="publish EROFS images to a registry as an EROFS-native OCI image",
+        description="Push IMAGE... (one layer each, bottom first) with an OCI image config "
+        "and manifest to oci://HOST[:PORT]/REPOSITORY:TAG (oci+http:// for plain HTTP); "
+        "prints the manifest digest.",
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("target", metavar="oci://HOST[:PORT]/REPOSITORY:TAG")
+    p.add_argument("--authfile", type=Path, metavar="FILE", help="registry credentials file")
+    p.add_argument("--certs-d", type=Path, action="append", default=[], metavar="DIR")
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH",
+        help="the image config's platform (default: this machine's)",
+    )
     c = sub.add_parser(
         "certs",
         help="make a CA, a server certificate and client certificates",
@@ -384,11 +400,52 @@ def _certs(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .registry.auth import AuthError
+    from .registry.client import RegistryError
+    from .registry.credentials import CredentialError
+    from .registry.manifest import host_platform
+    from .registry.push import PushError, push
+
+    images: list[Path] = args.images
+    target: str = args.target
+    try:
+        spec, tag = parse_source(target, allow_tag=True)
+    except BadReference as exc:
+        print(f"erofs-nbdd push: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    if spec.repository is None or tag is None:
+        print(
+            f"erofs-nbdd push: {target}: name the repository and tag, as in "
+            "oci://HOST[:PORT]/team/app:v1",
+            file=sys.stderr,
+        )
+        return ExitStatus.USAGE
+    try:
+        digest = trio.run(
+            lambda: push(
+                images,
+                spec,
+                tag,
+                authfile=args.authfile,
+                certs_d=tuple(args.certs_d),
+                platform=args.platform or host_platform(),
+            )
+        )
+    except (PushError, RegistryError, AuthError, CredentialError) as exc:
+        print(f"erofs-nbdd push: {exc}", file=sys.stderr)
+        return ExitStatus.ERROR
+    print(digest)
+    return ExitStatus.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "certs":
         return _certs(args)
+    if args.command == "push":
+        return _push(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",

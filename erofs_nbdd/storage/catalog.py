@@ -5,6 +5,7 @@ on the command line, with a warning naming both, never silently."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from .oci import RegistrySource
 
 log = logging.getLogger(__name__)
+
+REFUSAL_LOG_EVERY = 60.0
 
 
 class NotServed(Exception):
@@ -39,6 +42,7 @@ class Catalog:
         self.registries = registries or []
         self.default_export = default_export
         self._collisions: set[str] = set()
+        self._refusals: dict[str, float] = {}
 
     def describe_sources(self) -> str:
         return ", ".join([*(str(d.root) for d in self.directories), *map(str, self.registries)])
@@ -98,9 +102,18 @@ class Catalog:
             try:
                 return await registry.lookup(wanted)
             except NotServed as exc:
-                log.info("%s: %s", registry, exc)
+                self._log_refusal(f"{registry}: {exc}")
                 return str(exc)
         return f"no export named {name!r}; list them with NBD_OPT_LIST (nbdinfo --list)"
+
+    def _log_refusal(self, message: str) -> None:
+        """Once a minute per message: a client's INFO, GO and retries say the same."""
+        now = time.monotonic()
+        if now - self._refusals.get(message, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            if len(self._refusals) > 1024:
+                self._refusals.clear()
+            self._refusals[message] = now
+            log.warning("%s", message)
 
     async def aclose(self) -> None:
         for registry in self.registries:

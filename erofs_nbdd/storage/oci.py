@@ -320,11 +320,18 @@ class RegistrySource:
         """The export a name selects; NotServed with the reason if there is none."""
         name = str(wanted)
         try:
+            if wanted.digest is not None and self.meta.layer(wanted.repository, wanted.digest):
+                return await self._layer(wanted)
             try:
                 manifest = await self._image(wanted.repository, wanted.reference)
             except NotFound:
                 if wanted.digest is None:
                     raise NotServed(f"{name}: no such tag in {self.spec}") from None
+                return await self._layer(wanted)
+            except RegistryError:
+                # distribution answers 500 for a manifest GET of a layer's digest
+                if wanted.digest is None:
+                    raise
                 return await self._layer(wanted)
             layers = self._erofs_layers(name, manifest)
             note = self._describe(manifest, layers, wanted.repository)
@@ -402,10 +409,13 @@ class RegistrySource:
                 export = await self._superblock_export(name, wanted.repository, layers[0], note)
                 return [(name, export.description)]
             out = [(name, note)]
-            for layer in layers:
+            for i, layer in enumerate(layers):
                 digest_name = f"{wanted.repository}@{layer.digest}"
                 export = await self._superblock_export(
-                    digest_name, wanted.repository, layer, f"layer of {name}"
+                    digest_name,
+                    wanted.repository,
+                    layer,
+                    f"layer {i + 1} of {len(layers)} of {name}",
                 )
                 out.append((digest_name, export.description))
             return out
