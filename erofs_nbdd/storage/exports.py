@@ -57,6 +57,13 @@ class Export:
     note: str = ""
 
     @property
+    def image(self) -> Path:
+        """A file export's image file; a registry export has none (it has ``remote``)."""
+        if self.path is None:
+            raise ValueError(f"{self.name} is served from a registry, not a file")
+        return self.path
+
+    @property
     def description(self) -> str:
         described = self.superblock.describe(self.size)
         return f"{self.note}; {described}" if self.note else described

@@ -168,5 +168,4 @@ class FileBackendFactory:
     def __call__(self, export: Export) -> Backend:
         if export.remote is not None:
             return export.remote.open(io_uring=self.io_uring)
-        assert export.path is not None
-        return FileBackend(export.path, io_uring=self.io_uring)
+        return FileBackend(export.image, io_uring=self.io_uring)

@@ -50,15 +50,17 @@ def start_server_process(
     listen: str = "127.0.0.1:0",
     env: dict[str, str] | None = None,
     prefix: Sequence[str] = (),
+    source: str | None = None,
 ) -> RunningServer:
     """``python -m erofs_nbdd serve`` (a free loopback port by default), with ``env`` added
-    to the environment and run through ``prefix`` (such as setpriv) if given; waits until it
-    listens."""
+    to the environment and run through ``prefix`` (such as setpriv) if given; ``source``
+    (a registry) serves instead of ``root``; waits until it listens."""
     process = subprocess.Popen(
         [
             *prefix,
-            *(sys.executable, "-m", "erofs_nbdd", "serve", str(root), "--listen", listen),
-            *args,
+            *(sys.executable, "-m", "erofs_nbdd", "serve", source or str(root)),
+            *args,  # more sources may come first: --listen goes last
+            *("--listen", listen),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -315,10 +315,10 @@ async def test_go_on_an_image_swapped_for_a_fifo_gets_an_error_reply(
             start = time.monotonic()
             try:
                 with fifo_unblocked_after(swap, 5):
-                    return FileBackend(export.path)
+                    return FileBackend(export.image)
             finally:
                 took.append(time.monotonic() - start)
-        return FileBackend(export.path)
+        return FileBackend(export.image)
 
     client, server = trio.testing.memory_stream_pair()
     conn = Connection(

@@ -36,7 +36,7 @@ class RecordingBackend(FileBackend):
     every read miss the page cache, so it waits for storage (io_uring or a thread)."""
 
     def __init__(self, export: Export, factory: Recorder) -> None:
-        super().__init__(export.path, io_uring=factory.io_uring)
+        super().__init__(export.image, io_uring=factory.io_uring)
         self._factory = factory
 
     def read_nowait(self, view: memoryview, offset: int) -> bool:

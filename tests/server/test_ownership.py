@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 class Counted(FileBackend):
     def __init__(self, export: Export, opened: set[Counted]) -> None:
-        super().__init__(export.path)
+        super().__init__(export.image)
         self._opened = opened
         opened.add(self)
 

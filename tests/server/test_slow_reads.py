@@ -39,7 +39,7 @@ class HeldBackend(FileBackend):
     until the test lets it go."""
 
     def __init__(self, export: Export, storage: HeldStorage) -> None:
-        super().__init__(export.path)
+        super().__init__(export.image)
         self._storage = storage
 
     def read_nowait(self, view: memoryview, offset: int) -> bool:

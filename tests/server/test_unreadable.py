@@ -33,7 +33,7 @@ class Failing(FileBackend):
     whether the page cache claims the bytes (the inline path) or not (the waiting one)."""
 
     def __init__(self, export: Export, cached: bool) -> None:
-        super().__init__(export.path)
+        super().__init__(export.image)
         self._cached = cached
 
     def _check(self, view: memoryview, offset: int) -> None:
