@@ -71,7 +71,7 @@ def parse_source(text: str, *, allow_tag: bool = False) -> tuple[RegistrySpec, s
         path, tag = split_tag(path)
     repository = check_repository(path.rstrip("/")) if path.rstrip("/") else None
     if tag is not None:
-        _check_tag(tag)
+        check_tag(tag)
     return RegistrySpec(host=host.lower(), repository=repository, tls=scheme == "oci"), tag
 
 
@@ -84,7 +84,7 @@ def split_tag(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def _check_tag(tag: str) -> str:
+def check_tag(tag: str) -> str:
     if not _TAG.fullmatch(tag):
         raise BadReference(f"{tag!r} is not a tag (letters, digits, _ . -; at most 128)")
     return tag
@@ -119,6 +119,6 @@ def parse_image_name(name: str) -> ImageName | None:
         repository, tag = split_tag(name)
         if tag is None:
             return None
-        return ImageName(check_repository(repository), tag=_check_tag(tag))
+        return ImageName(check_repository(repository), tag=check_tag(tag))
     except BadReference:
         return None

@@ -22,12 +22,20 @@ from ..ranges import ImageUnreadable
 from ..registry.auth import AuthError
 from ..registry.client import NotFound, RegistryError, TrustError, Unreachable
 from ..registry.manifest import BadManifest, Descriptor, Index, Manifest, parse
-from ..registry.reference import EROFS_LAYER, ImageName, parse_image_name
+from ..registry.reference import (
+    EROFS_LAYER,
+    BadReference,
+    ImageName,
+    check_repository,
+    check_tag,
+    parse_image_name,
+)
 from .catalog import NotServed
 from .exports import Export
 from .remote import RemoteBackend
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from ..registry.client import RegistryClient
@@ -361,7 +369,7 @@ class RegistrySource:
         if self.spec.repository is not None:
             return [self.spec.repository]
         try:
-            return await self.client.catalog()
+            return self._valid("repository", await self.client.catalog(), check_repository)
         except RegistryError as exc:
             self._warn_once(
                 "catalog",
@@ -373,7 +381,7 @@ class RegistrySource:
 
     async def _tags(self, repository: str) -> list[str]:
         try:
-            return sorted(await self.client.tags(repository))
+            return sorted(self._valid("tag", await self.client.tags(repository), check_tag))
         except NotFound:
             return []
         except RegistryError as exc:
@@ -385,6 +393,18 @@ class RegistrySource:
                 exc,
             )
             return self.meta.tags(repository)
+
+    def _valid(self, what: str, names: list[str], check: Callable[[str], str]) -> list[str]:
+        """Names the registry sent that OCI allows: they become paths under meta/."""
+        good = []
+        for name in names:
+            try:
+                good.append(check(name))
+            except BadReference:
+                self._warn_once(
+                    f"bad {what} {name!r}", "%s: ignored a %s named %r", self, what, name
+                )
+        return good
 
     async def listing(self) -> list[tuple[str, str]]:
         """(name, description) of every tag, and of each layer of multi-layer images."""
