@@ -34,6 +34,8 @@ MAX_CONNECTIONS = 16
 #: Pages asked of the catalog and tag lists.
 PAGE = 1000
 MAX_PAGES = 100
+#: Largest page of a catalog or tag list read.
+MAX_LISTING = 16 * 1024 * 1024
 
 __all__ = ["AuthError", "NotFound", "RegistryClient", "RegistryError", "TrustError", "Unreachable"]
 
@@ -115,6 +117,29 @@ class RegistryClient:
         self._check(response, f"{method} {path}")
         return response
 
+    async def _get_bounded(
+        self, path: str, limit: int, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """A GET whose body is read only up to ``limit`` bytes: a registry that sends more
+        (a hostile or broken one) is refused before it costs memory."""
+        what = f"GET {path}"
+        try:
+            async with self._http.stream("GET", path, headers=headers) as response:
+                self._check(response, what)
+                body = bytearray()
+                async for data in response.aiter_bytes():
+                    body += data
+                    if len(body) > limit:
+                        raise RegistryError(f"{self.spec.host}: {what}: over {limit} bytes")
+        except httpx.HTTPError as exc:
+            raise self._wrap(exc, what) from exc
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            content=bytes(body),
+            request=response.request,
+        )
+
     def _check(self, response: httpx.Response, what: str) -> None:
         status = response.status_code
         if status < 300:
@@ -141,7 +166,7 @@ class RegistryClient:
         for _ in range(MAX_PAGES):
             if url is None:
                 break
-            response = await self._request("GET", url)
+            response = await self._get_bounded(url, MAX_LISTING)
             try:
                 values = response.json().get(key) or []
             except (ValueError, AttributeError) as exc:
@@ -159,12 +184,10 @@ class RegistryClient:
 
     async def manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
         """A manifest's bytes, digest and Content-Type; a digest reference is checked."""
-        response = await self._request(
-            "GET", f"/v2/{repository}/manifests/{reference}", headers={"Accept": ACCEPT}
+        response = await self._get_bounded(
+            f"/v2/{repository}/manifests/{reference}", MAX_MANIFEST, {"Accept": ACCEPT}
         )
         data = response.content
-        if len(data) > MAX_MANIFEST:
-            raise RegistryError(f"{self.spec.host}: a manifest of {len(data)} bytes")
         digest = sha256_digest(data)
         claimed = response.headers.get("Docker-Content-Digest")
         if reference.startswith("sha256:") and digest != reference:
@@ -201,6 +224,7 @@ class RegistryClient:
         as they arrive (memory stays one network read per request)."""
         path = f"/v2/{repository}/blobs/{digest}"
         what = f"GET {path} bytes {start}-{end - 1}"
+        at = start
         try:
             async with self._http.stream(
                 "GET", path, headers={"Range": f"bytes={start}-{end - 1}"}
@@ -220,11 +244,7 @@ class RegistryClient:
                         at += len(data)
                     if at >= end:
                         break
-        except RegistryError:
-            raise
-        except AuthError:
-            raise
-        except (httpx.HTTPError, OSError) as exc:
+        except httpx.HTTPError as exc:  # the sink's own errors (the cache's) pass through
             raise self._wrap(exc, what) from exc
         if at < end:
             raise Unreachable(f"{self.spec.host}: {what}: the answer ended at byte {at}")

@@ -231,7 +231,10 @@ class Blob:
                 self.cache.hold(self)  # the verification's, released when it ends
             self.cache.release(self)
         if verify:
-            await self._verify()
+            try:
+                await self._verify()
+            except Exception as exc:  # a system task must not raise
+                log.warning("%s: verification failed: %s", self.digest, exc)
 
     async def _land(self, at: int, data: bytes, buffers: dict[int, bytearray]) -> None:
         """Bytes arrived: whole chunks are written and marked (their readers go on)."""
@@ -253,7 +256,10 @@ class Blob:
     async def _write(self, index: int, data: bytes) -> None:
         if self.present[index] or self.bad is not None:
             return
-        await threads.run_sync(self._write_sync, index, data)
+        try:
+            await threads.run_sync(self._write_sync, index, data)
+        except OSError as exc:  # ENOSPC, EROFS, EIO: the cache's fault, not the registry's
+            raise ImageUnreadable(f"cannot write to the cache: {exc}") from exc
         self.present[index] = 1
         self._count += 1
         self.cache.grew(len(data))

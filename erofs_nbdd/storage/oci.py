@@ -281,7 +281,10 @@ class RegistrySource:
             self.cache, self.client, repository, layer.digest, layer.size, self.timeout
         )
         if head is None:
-            backend = remote.open(io_uring=False)
+            try:
+                backend = remote.open(io_uring=False)
+            except OSError as exc:
+                raise NotServed(f"{name}: the cache cannot hold it: {exc}") from exc
             try:
                 view = memoryview(bytearray(min(HEAD, layer.size)))
                 await backend.read(view, 0)
