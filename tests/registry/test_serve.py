@@ -3,15 +3,18 @@ with skopeo), read by peers nobody here wrote: nbdinfo, nbdcopy, qemu-img."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from ..interop.conftest import run
+from ..interop.conftest import run, start_server_process, stop_server_process
 from .helpers import (
     blob_gets,
     layer_digest,
@@ -70,8 +73,6 @@ def test_token_auth_and_renewal(
         assert md5_of_export(server, "team/app:v1") == md5(rand)
         issued = token_registry.tokens_issued
         # past the token's lifetime: a new negotiation (and its fetches) needs a new token
-        import time
-
         time.sleep(3.5)
         out = run("nbdinfo", "--json", server.uri("team/app:v1"))
         assert json.loads(out.stdout)["exports"][0]["export-size"] == rand.stat().st_size
@@ -98,8 +99,6 @@ def test_push_is_read_by_skopeo(
     assert out.returncode == 0, out.stderr
     digest = out.stdout.strip()
     raw = registry.inspect_raw("team/pushed:v1")
-    import hashlib
-
     assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
     manifest = json.loads(raw)
     assert [layer["mediaType"] for layer in manifest["layers"]] == [
@@ -149,8 +148,6 @@ def test_start_checks_each_registry(registry: Registry, tmp_path: Path, problem:
     args = registry_args(registry, tmp_path / "cache")
     if problem == "password":
         bad = tmp_path / "auth.json"
-        import base64
-
         entry = base64.b64encode(f"{registry.user}:wrong".encode()).decode()
         bad.write_text(json.dumps({"auths": {registry.host: {"auth": entry}}}))
         args[args.index("--authfile") + 1] = str(bad)
@@ -161,8 +158,6 @@ def test_start_checks_each_registry(registry: Registry, tmp_path: Path, problem:
         registry.stop()
     command = [sys.executable, "-m", "erofs_nbdd", "serve", source(registry), *args]
     if problem == "down":
-        from ..interop.conftest import start_server_process, stop_server_process
-
         server = start_server_process(tmp_path, *args, source=source(registry))
         assert "unreachable" in server.log_text() and registry.host in server.log_text()
         assert stop_server_process(server) == 0
@@ -192,3 +187,22 @@ def test_uncached_and_cached_reads_share_one_copy(
     assert [b.name for b in blobs] == [layer_digest(rand).removeprefix("sha256:")]
     chunks = -(-rand.stat().st_size // (1024 * 1024))
     assert 1 <= blob_gets(registry, layer_digest(rand)) <= chunks, registry.log_text()
+
+
+def test_over_nbd_tls_cached_ranges_take_the_file_path(
+    registry: Registry, erofs_images: dict[str, Path], tmp_path: Path, made_certs: Path
+) -> None:
+    """A registry export behind --tls require: first read fetched, second from the cache
+    file (kernel TLS sends it by sendfile where the host has it)."""
+    tree = erofs_images["tree"]
+    push_image(registry, tmp_path, [tree], "team/app:v1")
+    tls = ("--tls", "require", "--tls-certificates", str(made_certs))
+    with serving(registry, tmp_path / "cache", *tls) as server:
+        alice = made_certs / "clients" / "alice"
+        uri = f"nbds://{server.address}/team/app:v1?tls-certificates={alice}"
+        for _ in range(2):
+            out = subprocess.run(
+                ["nbdcopy", "--", uri, "-"], capture_output=True, timeout=120, check=False
+            )
+            assert out.returncode == 0, out.stderr.decode() + server.log_text()
+            assert hashlib.md5(out.stdout).hexdigest() == md5(tree)
