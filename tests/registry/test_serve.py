@@ -26,6 +26,7 @@ from .helpers import (
     serving,
     source,
 )
+from .registryd import build_oci_layout
 
 if TYPE_CHECKING:
     from .registryd import Registry
@@ -206,3 +207,22 @@ def test_over_nbd_tls_cached_ranges_take_the_file_path(
             )
             assert out.returncode == 0, out.stderr.decode() + server.log_text()
             assert hashlib.md5(out.stdout).hexdigest() == md5(tree)
+
+
+def test_a_layer_that_is_not_erofs_is_refused_with_the_reason(
+    registry: Registry, erofs_images: dict[str, Path], tmp_path: Path
+) -> None:
+    tar = tmp_path / "layer.tar"
+    subprocess.run(["tar", "-cf", str(tar), "-C", str(tmp_path), "."], check=True, timeout=60)
+    layout = tmp_path / "layout"
+    gzip_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+    build_oci_layout(layout, [tar], "tar", media_type=gzip_type)
+    registry.push(layout, "tar", "team/app:tar")
+    push_image(registry, tmp_path, [erofs_images["random"]], "team/app:good")
+    with serving(registry, tmp_path / "cache") as server:
+        assert set(list_exports(server)) == {"team/app:good"}  # LIST leaves it out
+        out = run("nbdinfo", server.uri("team/app:tar"), check=False)
+        assert out.returncode != 0
+        run("nbdinfo", server.uri("team/app:tar"), check=False)
+        reason = f"team/app:tar: layer 1 of 1 is {gzip_type}, not EROFS"
+        assert server.log_text().count(reason) == 2, server.log_text()  # LIST's, and GO's once
