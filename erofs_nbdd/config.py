@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .protocol import DEFAULT_MAX_PAYLOAD
+from .registry.reference import is_registry_source
 from .transport.contexts import TLSSetupError
 
 DEFAULT_PORT = 10809
@@ -146,9 +147,9 @@ class ServerConfig:
 
     @property
     def directories(self) -> list[Path]:
-        extra = [Path(s) for s in self.sources if not s.startswith(("oci://", "oci+http://"))]
+        extra = [Path(s) for s in self.sources if not is_registry_source(s)]
         return ([self.root] if self.root is not None else []) + extra
 
     @property
     def registry_sources(self) -> list[str]:
-        return [s for s in self.sources if s.startswith(("oci://", "oci+http://"))]
+        return [s for s in self.sources if is_registry_source(s)]

@@ -2,12 +2,17 @@
 distribution spec (a 401 with ``WWW-Authenticate: Bearer realm=...,service=...`` sends us to
 the realm for a token of scope ``repository:NAME:pull``), tokens kept until they expire.
 
-Secrets stay in this object's memory: nothing here logs a header, a token or a password.
+Credentials go only to the registry's own origin and to the token realm it names: a
+redirect to object storage, a pagination link or an upload location elsewhere gets none,
+and a challenge from anywhere else is not answered. Only the token response's body is read
+here (bounded); every other response streams to its caller. Secrets stay in this object's
+memory: nothing here logs a header, a token or a password.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -15,8 +20,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from .errors import AuthError, Unreachable
+
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import AsyncGenerator, Generator
 
     from .credentials import Credentials
 
@@ -24,14 +31,18 @@ if TYPE_CHECKING:
 RENEW_EARLY = 10.0
 #: What the spec says to assume when a token response gives no expires_in.
 DEFAULT_LIFETIME = 60.0
+#: Largest token response read.
+MAX_TOKEN_RESPONSE = 1024 * 1024
+#: The request a token flow sends to the realm carries this extension.
+TOKEN_REQUEST = "erofs-nbdd-token"
 
 _PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
-_REPOSITORY_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+# greedy: a repository may hold a component named blobs or tags; what follows cannot
+_REPOSITORY_PATH = re.compile(r"^/v2/(.+)/(?:manifests|blobs|tags)/")
+#: RFC 6750's b64token: anything else (a newline, say) could end up in an error message.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-
-class AuthError(Exception):
-    """The registry refused us: bad credentials, or a token service that would not answer.
-    The message names the registry and where the credentials came from."""
+__all__ = ["AuthError", "RegistryAuth"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +73,8 @@ def scope_of(request: httpx.Request) -> str:
 
 
 class RegistryAuth(httpx.Auth):
-    requires_response_body = True
-
-    def __init__(self, host: str, credentials: Credentials | None) -> None:
+    def __init__(self, origin: httpx.URL, host: str, credentials: Credentials | None) -> None:
+        self.origin = origin
         self.host = host
         self.credentials = credentials
         #: basic or bearer, once the registry said which.
@@ -72,6 +82,13 @@ class RegistryAuth(httpx.Auth):
         self._tokens: dict[str, tuple[str, float]] = {}  # scope: (token, renew at)
         #: Tokens fetched: a test (and metrics) can see renewals.
         self.tokens_fetched = 0
+
+    def _ours(self, url: httpx.URL) -> bool:
+        return (url.scheme, url.host, url.port) == (
+            self.origin.scheme,
+            self.origin.host,
+            self.origin.port,
+        )
 
     def _basic(self) -> str:
         assert self.credentials is not None
@@ -83,7 +100,31 @@ class RegistryAuth(httpx.Auth):
             return "no credentials (none found for it in the auth files)"
         return f"the credentials from {self.credentials.origin}"
 
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """The flow below, reading only the token response's body (bounded)."""
+        flow = self.auth_flow(request)
+        outgoing = next(flow)
+        while True:
+            response = yield outgoing
+            if outgoing.extensions.get(TOKEN_REQUEST):
+                body = bytearray()
+                async for data in response.aiter_raw():
+                    body += data
+                    if len(body) > MAX_TOKEN_RESPONSE:
+                        await response.aclose()
+                        raise AuthError(f"the token service of {self.host} sent too much")
+                response._content = bytes(body)  # what .json() reads
+            try:
+                outgoing = flow.send(response)
+            except StopIteration:
+                return
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if not self._ours(request.url):
+            yield request  # object storage, or a link elsewhere: no credentials go there
+            return
         scope = scope_of(request)
         if self._scheme == "basic" and self.credentials is not None:
             request.headers["Authorization"] = self._basic()
@@ -126,26 +167,36 @@ class RegistryAuth(httpx.Auth):
         if wanted:
             params["scope"] = wanted
         headers = {}
+        realm = challenge.params["realm"]
+        try:
+            url = httpx.URL(realm)
+        except (httpx.InvalidURL, ValueError):
+            raise AuthError(f"{self.host} names a token realm that is not a URL") from None
+        if url.scheme != "https" and not (url.scheme == "http" and self.origin.scheme == "http"):
+            raise AuthError(
+                f"{self.host} sends us for a token to a realm without TLS: refused, as the "
+                "credentials would travel in the clear"
+            )
         if self.credentials is not None:
             headers["Authorization"] = self._basic()
-        realm = challenge.params["realm"]
-        if not realm.startswith(("https://", "http://")):
-            raise AuthError(f"{self.host} names a token realm that is not a URL")
-        response = yield httpx.Request("GET", realm, params=params, headers=headers)
-        if response.status_code in (401, 403):
+        response = yield httpx.Request(
+            "GET", url, params=params, headers=headers, extensions={TOKEN_REQUEST: True}
+        )
+        status = response.status_code
+        if status in (401, 403):
             raise AuthError(f"the token service of {self.host} refused {self._whose()}")
-        if response.status_code != 200:
-            raise AuthError(
-                f"the token service of {self.host} answered HTTP {response.status_code}"
-            )
+        if status >= 500 or status == 429:
+            raise Unreachable(f"the token service of {self.host} answered HTTP {status}")
+        if status != 200:
+            raise AuthError(f"the token service of {self.host} answered HTTP {status}")
         try:
-            body = response.json()
+            body = json.loads(response.content)
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or DEFAULT_LIFETIME)
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise AuthError(f"the token service of {self.host} sent no token") from exc
-        if not isinstance(token, str) or not token:
-            raise AuthError(f"the token service of {self.host} sent no token")
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            raise AuthError(f"the token service of {self.host} sent no token") from None
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise AuthError(f"the token service of {self.host} sent no usable token")
         self.tokens_fetched += 1
         renew = max(lifetime - RENEW_EARLY, lifetime / 2)
         self._tokens[scope] = (token, time.monotonic() + renew)

@@ -1,22 +1,21 @@
-"""An OCI distribution client over httpx: the few calls a server and ``push`` make.
-
-Errors come in three kinds, as callers treat them differently: ``AuthError`` and
-``TrustError`` (fix the configuration), ``NotFound`` (the name is wrong), ``Unreachable``
-(try again later: connection failures, timeouts, 5xx, 429).
-"""
+"""An OCI distribution client over httpx: the few calls a server and ``push`` make, each
+bounded in bytes and in time whatever the registry does (errors.py says what can fail)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 import httpx
+import trio
 
-from .auth import AuthError, RegistryAuth
+from .auth import RegistryAuth
 from .credentials import tls_context
-from .manifest import ACCEPT, MAX_MANIFEST, sha256_digest
+from .errors import AuthError, NotFound, RegistryError, TrustError, Unreachable
+from .manifest import ACCEPT, MAX_BLOB, MAX_MANIFEST, sha256_digest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,20 +39,24 @@ MAX_LISTING = 16 * 1024 * 1024
 __all__ = ["AuthError", "NotFound", "RegistryClient", "RegistryError", "TrustError", "Unreachable"]
 
 
-class RegistryError(Exception):
-    """Something the registry said or did that keeps a request from succeeding."""
+class _Enough(Exception):
+    """A sink has what it wanted: the rest of the answer is not read."""
 
 
-class Unreachable(RegistryError):
-    """Not reached now (connection, timeout, 5xx, 429): worth retrying."""
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-class TrustError(RegistryError):
-    """The registry's TLS certificate was refused."""
-
-
-class NotFound(RegistryError):
-    pass
+def _check_range(header: str, start: int, size: int, what: str) -> None:
+    """A 206 must answer from the byte asked for, of a blob of the size the manifest said."""
+    unit, _, rest = header.partition(" ")
+    first, _, total = rest.partition("-")[0], None, rest.rpartition("/")[2]
+    try:
+        if unit != "bytes" or int(first) != start or (total != "*" and int(total) != size):
+            raise ValueError(header)
+    except ValueError:
+        raise RegistryError(
+            f"{what}: answered {header or 'no Content-Range'}, not bytes from {start} of {size}"
+        ) from None
 
 
 def _trust_problem(exc: BaseException) -> str | None:
@@ -79,7 +82,9 @@ class RegistryClient:
         timeout: float = 10.0,
     ) -> None:
         self.spec = spec
-        self.auth = RegistryAuth(spec.host, credentials)
+        self.auth = RegistryAuth(httpx.URL(spec.base_url), spec.host, credentials)
+        #: Longest a request for metadata may take in all (httpx's timeout is per read).
+        self.deadline = 3 * timeout
         verify: ssl.SSLContext | bool = tls_context(spec.host, certs_d) if spec.tls else False
         self._http = httpx.AsyncClient(
             base_url=spec.base_url,
@@ -90,7 +95,8 @@ class RegistryClient:
                 max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
             ),
             follow_redirects=True,  # blobs 307 to object storage; httpx drops our auth there
-            headers={"User-Agent": "erofs-nbdd"},
+            # identity: blob offsets are byte offsets, and no decompression bomb
+            headers={"User-Agent": "erofs-nbdd", "Accept-Encoding": "identity"},
         )
 
     async def aclose(self) -> None:
@@ -100,19 +106,24 @@ class RegistryClient:
         problem = _trust_problem(exc)
         if problem is not None:
             return TrustError(f"{self.spec.host}: its TLS certificate was refused: {problem}")
-        if isinstance(exc, AuthError):
-            return RegistryError(str(exc))
-        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, httpx.LocalProtocolError):
+            # h11 quotes the offending header, which may hold a token
+            reason = "refused to send a malformed request header"
+        else:
+            reason = str(exc) or type(exc).__name__
         return Unreachable(f"{self.spec.host}: {what}: {reason}")
 
     async def _request(
         self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: object
     ) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, headers=headers, **kw)  # type: ignore[arg-type]
-        except AuthError:
-            raise
-        except (httpx.HTTPError, OSError) as exc:
+            with trio.fail_after(self.deadline):
+                response = await self._http.request(method, path, headers=headers, **kw)  # type: ignore[arg-type]
+        except trio.TooSlowError:
+            raise Unreachable(
+                f"{self.spec.host}: {method} {path}: no answer in {self.deadline:g} s"
+            ) from None
+        except httpx.HTTPError as exc:
             raise self._wrap(exc, f"{method} {path}") from exc
         self._check(response, f"{method} {path}")
         return response
@@ -124,13 +135,18 @@ class RegistryClient:
         (a hostile or broken one) is refused before it costs memory."""
         what = f"GET {path}"
         try:
-            async with self._http.stream("GET", path, headers=headers) as response:
-                self._check(response, what)
-                body = bytearray()
-                async for data in response.aiter_bytes():
-                    body += data
-                    if len(body) > limit:
-                        raise RegistryError(f"{self.spec.host}: {what}: over {limit} bytes")
+            with trio.fail_after(self.deadline):
+                async with self._http.stream("GET", path, headers=headers) as response:
+                    self._check(response, what)
+                    body = bytearray()
+                    async for data in response.aiter_raw():
+                        body += data
+                        if len(body) > limit:
+                            raise RegistryError(f"{self.spec.host}: {what}: over {limit} bytes")
+        except trio.TooSlowError:
+            raise Unreachable(
+                f"{self.spec.host}: {what}: no answer in {self.deadline:g} s"
+            ) from None
         except httpx.HTTPError as exc:
             raise self._wrap(exc, what) from exc
         return httpx.Response(
@@ -155,10 +171,7 @@ class RegistryClient:
     async def check(self) -> None:
         """``GET /v2/``: reachable, trusted, and our credentials good (a token registry is
         asked for a token; basic registries check the password here)."""
-        try:
-            await self._request("GET", "/v2/")
-        except AuthError as exc:
-            raise AuthError(str(exc)) from None
+        await self._request("GET", "/v2/")
 
     async def _pages(self, path: str, key: str) -> list[str]:
         found: list[str] = []
@@ -169,11 +182,16 @@ class RegistryClient:
             response = await self._get_bounded(url, MAX_LISTING)
             try:
                 values = response.json().get(key) or []
-            except (ValueError, AttributeError) as exc:
+                if not isinstance(values, list):
+                    raise ValueError(f"{key} is not a list")
+            except (ValueError, AttributeError, RecursionError) as exc:
                 raise RegistryError(f"{self.spec.host}: {path}: not JSON") from exc
             found.extend(str(v) for v in values)
             following = response.links.get("next", {}).get("url")
             url = urljoin(url, following) if following else None
+            if url is not None and not url.startswith("/"):
+                log.warning("%s: %s: ignored a next page elsewhere (%s)", self.spec.host, path, url)
+                break
         return found
 
     async def catalog(self) -> list[str]:
@@ -205,12 +223,45 @@ class RegistryClient:
             )
         return data, digest, response.headers.get("Content-Type", "")
 
+    async def manifest_digest(self, repository: str, tag: str) -> str | None:
+        """What a tag names now, by HEAD (no body), if the registry says; else None."""
+        response = await self._request(
+            "HEAD", f"/v2/{repository}/manifests/{tag}", headers={"Accept": ACCEPT}
+        )
+        digest = response.headers.get("Docker-Content-Digest", "")
+        return digest if _DIGEST.fullmatch(digest) else None
+
+    async def read_head(self, repository: str, digest: str, length: int, size: int) -> bytes:
+        """The first ``length`` bytes of a blob, uncached (a superblock for LIST)."""
+        got = bytearray()
+
+        async def sink(at: int, data: bytes) -> None:
+            if at != len(got):
+                raise RegistryError(f"{self.spec.host}: {digest}: bytes out of order")
+            got.extend(data[: length - len(got)])
+            if len(got) >= length:
+                raise _Enough
+
+        try:
+            with trio.fail_after(self.deadline):
+                await self.read_blob(repository, digest, 0, length, size, sink)
+        except _Enough:
+            pass
+        except trio.TooSlowError:
+            raise Unreachable(
+                f"{self.spec.host}: {digest}: no answer in {self.deadline:g} s"
+            ) from None
+        return bytes(got)
+
     async def blob_size(self, repository: str, digest: str) -> int:
         response = await self._request("HEAD", f"/v2/{repository}/blobs/{digest}")
         try:
-            return int(response.headers["Content-Length"])
+            size = int(response.headers["Content-Length"])
         except (KeyError, ValueError) as exc:
             raise RegistryError(f"{self.spec.host}: {digest}: no size in HEAD") from exc
+        if not 0 <= size <= MAX_BLOB:
+            raise RegistryError(f"{self.spec.host}: {digest}: a blob of {size} bytes")
+        return size
 
     async def read_blob(
         self,
@@ -218,10 +269,13 @@ class RegistryClient:
         digest: str,
         start: int,
         end: int,
+        size: int,
         sink: Callable[[int, bytes], Awaitable[None]],
     ) -> None:
-        """Bytes ``start`` to ``end`` (exclusive) of a blob, handed to ``sink(offset, data)``
-        as they arrive (memory stays one network read per request)."""
+        """Bytes ``start`` to ``end`` (exclusive) of a blob of ``size`` bytes, handed to
+        ``sink(offset, data)`` as they arrive (memory stays one network read). A registry
+        that ignores Range sends the whole blob: all of it goes to the sink, from 0. No
+        deadline here: the caller sets one for the whole fetch."""
         path = f"/v2/{repository}/blobs/{digest}"
         what = f"GET {path} bytes {start}-{end - 1}"
         at = start
@@ -230,19 +284,17 @@ class RegistryClient:
                 "GET", path, headers={"Range": f"bytes={start}-{end - 1}"}
             ) as response:
                 self._check(response, what)
-                at = start if response.status_code == 206 else 0  # 200: the whole blob
-                async for data in response.aiter_bytes():
-                    if at + len(data) <= start:
-                        at += len(data)
-                        continue
-                    if at < start:
-                        data = data[start - at :]
-                        at = start
-                    data = data[: end - at]
+                stop = end
+                if response.status_code == 206:
+                    _check_range(response.headers.get("Content-Range", ""), start, size, what)
+                else:
+                    at, stop = 0, size  # 200: the whole blob
+                async for data in response.aiter_raw():
+                    data = data[: stop - at]
                     if data:
                         await sink(at, data)
                         at += len(data)
-                    if at >= end:
+                    if at >= stop:
                         break
         except httpx.HTTPError as exc:  # the sink's own errors (the cache's) pass through
             raise self._wrap(exc, what) from exc

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import dataclass, field
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -20,6 +21,10 @@ INDEXES = (OCI_INDEX, DOCKER_LIST)
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 #: Larger manifests are refused unread: a manifest of thousands of layers is not an image.
 MAX_MANIFEST = 4 * 1024 * 1024
+
+#: The largest blob a descriptor may claim (1 TiB).
+MAX_BLOB = 1 << 40
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 _ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 
@@ -86,10 +91,10 @@ def _descriptor(raw: object, where: str) -> Descriptor:
     if not isinstance(raw, dict):
         raise BadManifest(f"{where} is not an object")
     media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
-        raise BadManifest(f"{where} has no sha256 digest")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise BadManifest(f"{where} has no size")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise BadManifest(f"{where} has no sha256 digest")  # it names files: hex only
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BLOB:
+        raise BadManifest(f"{where} has no size (or one over {MAX_BLOB} bytes)")
     annotations = raw.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise BadManifest(f"{where} has annotations that are not an object")
@@ -112,8 +117,8 @@ def parse(data: bytes, digest: str, content_type: str = "") -> Manifest | Index:
     """A manifest or an index, by its mediaType field (else the response's Content-Type)."""
     try:
         raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadManifest(f"not JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadManifest(f"not JSON: {type(exc).__name__}") from exc
     if not isinstance(raw, dict) or raw.get("schemaVersion") != 2:
         raise BadManifest("not a schema 2 manifest (schema 1 images are not supported)")
     media_type = str(raw.get("mediaType") or content_type.partition(";")[0].strip())

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 import os
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,17 +45,32 @@ CHUNK = 1024 * 1024
 READAHEAD_MAX = 8
 #: Longest single Range request, in chunks.
 MAX_RUN = 16
+#: The largest blob taken (a registry claiming more is refused: its map would not fit).
+MAX_BLOB = 1 << 40
+#: A map file starts with the data file's inode and size, so a map left from another
+#: file (a crash between two unlinks, a partial removed by hand) is never believed.
+MAP_HEADER = struct.Struct("<QQ")
+#: The most one NBD_CMD_CACHE starts fetching.
+MAX_PREFETCH = 64 * CHUNK
+#: Seconds between measurements of the cache's disk use (other workers write to it too).
+MEASURE_EVERY = 10.0
 #: Seconds a blob that failed its digest check is refused before it is fetched again.
 BAD_RETRY = 300.0
 FIRST_DELAY = 0.1
 MAX_DELAY = 2.0
 #: A blob's modification time, its place in the LRU order, is renewed this often in use.
 TOUCH_EVERY = 60.0
+#: A blob being filled says how far it got this often (a cold 2 GiB layer takes a while).
+PROGRESS_EVERY = 10.0
 
-#: ``fetch(start, end, sink)``: bytes [start, end) of the blob, handed to ``sink(offset, data)``.
-Fetch = Callable[[int, int, Callable[[int, bytes], Awaitable[None]]], Awaitable[None]]
+#: Where fetched bytes go: ``sink(offset, data)``.
+Sink = Callable[[int, bytes], Awaitable[None]]
+#: ``fetch(start, end, sink)``: bytes [start, end) of the blob (or more), handed to the sink.
+Fetch = Callable[[int, int, Sink], Awaitable[None]]
 #: Errors worth another try: the source raises these for timeouts, 5xx, resets.
 Transient = tuple[type[BaseException], ...]
+
+_ONE = bytes([0] + [1] * 255)  # any nonzero map byte means present
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -76,7 +92,12 @@ def parse_size(text: str) -> int:
 
 
 def _hex(digest: str) -> str:
-    return digest.removeprefix("sha256:")
+    """The digest's hex part, which names files here: anything else is refused, so no
+    name a registry sends can lead out of the cache."""
+    hex_part = digest.removeprefix("sha256:")
+    if len(hex_part) != 64 or hex_part.strip("0123456789abcdef"):
+        raise ValueError(f"{digest!r} is not a sha256 digest")
+    return hex_part
 
 
 class Blob:
@@ -105,14 +126,20 @@ class Blob:
         self._touched = time.monotonic()
         self.fetches = 0  # Range requests made (a test counts them)
         self._verifying = False
+        self._progress = time.monotonic()
 
-    def attach_map(self, fd: int) -> None:
+    def attach_map(self, fd: int, *, fresh: bool) -> None:
+        """The chunk map, believed only if it names this data file (and the data file was
+        not just made); else started empty."""
         self._map_fd = fd
-        if os.fstat(fd).st_size < self.chunks:
-            os.ftruncate(fd, self.chunks)
-        data = os.pread(fd, self.chunks, 0)
-        self.present[: len(data)] = bytes(1 if b else 0 for b in data)
-        self._count = sum(self.present)
+        header = MAP_HEADER.pack(os.fstat(self.fd).st_ino, self.size)
+        if fresh or os.pread(fd, MAP_HEADER.size, 0) != header:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, header, 0)
+        os.ftruncate(fd, MAP_HEADER.size + self.chunks)
+        data = os.pread(fd, self.chunks, MAP_HEADER.size)
+        self.present[: len(data)] = data.translate(_ONE)
+        self._count = self.present.count(1)
 
     def has(self, offset: int, length: int) -> bool:
         if self.complete:
@@ -125,7 +152,7 @@ class Blob:
         if (
             self._map_fd >= 0
             and not self.present[index]
-            and os.pread(self._map_fd, 1, index) == b"\1"
+            and os.pread(self._map_fd, 1, MAP_HEADER.size + index) == b"\1"
         ):
             self.present[index] = 1
             self._count += 1
@@ -162,6 +189,7 @@ class Blob:
         """Start fetching the range's missing chunks, waiting for nothing (NBD_CMD_CACHE)."""
         if self.complete or self.bad is not None:
             return
+        length = min(length, MAX_PREFETCH)
         last = min((offset + max(length, 1) - 1) // CHUNK, self.chunks - 1)
         for index in range(offset // CHUNK, last + 1):
             if not self.present[index] and index not in self._pending:
@@ -200,7 +228,14 @@ class Blob:
                 buffers.clear()
                 try:
                     self.fetches += 1
-                    await self.fetch(start, stop, lambda at, data: self._land(at, data, buffers))
+                    with trio.move_on_at(deadline) as scope:
+                        await self.fetch(
+                            start, stop, lambda at, data: self._land(at, data, buffers)
+                        )
+                    if scope.cancelled_caught:  # a registry that drips: bounded all the same
+                        self.failure = f"no whole answer in {self.timeout:g} s"
+                        log.warning("%s: giving up: %s", self.digest, self.failure)
+                        break
                     self.failure = None
                     break
                 except self.transient as exc:
@@ -236,6 +271,19 @@ class Blob:
             except Exception as exc:  # a system task must not raise
                 log.warning("%s: verification failed: %s", self.digest, exc)
 
+    def verify_soon(self) -> None:
+        """A partial file found whole (the last run ended before it was hashed)."""
+        if not (self.complete or self._verifying) and self._count == self.chunks:
+            self._verifying = True
+            self.cache.hold(self)
+            trio.lowlevel.spawn_system_task(self._verify_task, name=f"verify {self.digest}")
+
+    async def _verify_task(self) -> None:
+        try:
+            await self._verify()
+        except Exception as exc:  # a system task must not raise
+            log.warning("%s: verification failed: %s", self.digest, exc)
+
     async def _land(self, at: int, data: bytes, buffers: dict[int, bytearray]) -> None:
         """Bytes arrived: whole chunks are written and marked (their readers go on)."""
         while data:
@@ -257,20 +305,35 @@ class Blob:
         if self.present[index] or self.bad is not None:
             return
         try:
-            await threads.run_sync(self._write_sync, index, data)
+            try:
+                await threads.run_sync(self._write_sync, index, data)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                await self.cache.make_room(len(data))  # the disk filled before the cache did
+                await threads.run_sync(self._write_sync, index, data)
         except OSError as exc:  # ENOSPC, EROFS, EIO: the cache's fault, not the registry's
             raise ImageUnreadable(f"cannot write to the cache: {exc}") from exc
         self.present[index] = 1
         self._count += 1
-        self.cache.grew(len(data))
+        await self.cache.grew(len(data))
+        now = time.monotonic()
+        if now - self._progress >= PROGRESS_EVERY and self._count < self.chunks:
+            self._progress = now
+            log.info(
+                "%s: %d of %d MiB cached", self.digest, self._count * CHUNK >> 20, self.size >> 20
+            )
         event = self._pending.pop(index, None)
         if event is not None:
             event.set()
 
     def _write_sync(self, index: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, index * CHUNK)
+        view, offset = memoryview(data), index * CHUNK
+        while view:  # a short write (a disk filling up) must not leave a hole marked present
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
         if self._map_fd >= 0:
-            os.pwrite(self._map_fd, b"\1", index)
+            os.pwrite(self._map_fd, b"\1", MAP_HEADER.size + index)
 
     async def _verify(self) -> None:
         try:
@@ -309,6 +372,9 @@ class Blob:
             self._touched = now
             self.cache.touch(self)
 
+    def idle(self) -> bool:
+        return not self._pending
+
     def close_files(self) -> None:
         for fd in (self.fd, self._map_fd):
             if fd >= 0:
@@ -326,6 +392,9 @@ class BlobCache:
         self._bad: dict[str, tuple[str, float]] = {}
         self._retrying: set[str] = set()
         self.used = self._measure()
+        self._measured = time.monotonic()
+        #: The last eviction could not get under the size: every blob left was in use.
+        self._stuck = False
         self._full_warned = False
 
     def _measure(self) -> int:
@@ -353,11 +422,18 @@ class BlobCache:
         return found[0]
 
     def open(self, digest: str, size: int) -> Blob:
-        """The blob, opened (with a hold the caller releases), from disk or empty."""
+        """The blob, opened (with a hold the caller releases), from disk or empty. An
+        OSError if it cannot be (the size disagrees with the verified copy, say)."""
+        if not 0 <= size <= MAX_BLOB:
+            raise OSError(errno.EFBIG, f"{digest}: a blob of {size} bytes is not taken")
         blob = self._open.get(digest)
+        if blob is not None and blob.size != size:
+            raise OSError(errno.EINVAL, f"{digest}: {size} bytes claimed, {blob.size} known")
         if blob is None:
             blob = self._open_files(digest, size)
             self._open[digest] = blob
+            if not blob.complete:
+                blob.verify_soon()
         blob.refs += 1
         return blob
 
@@ -367,27 +443,33 @@ class BlobCache:
             fd = self._locked(path, os.O_RDONLY)
             if fd >= 0:
                 os.utime(path)
-                if os.fstat(fd).st_size == size:
+                found = os.fstat(fd).st_size
+                if found == size:
                     return Blob(self, digest, size, fd, complete=True)
                 os.close(fd)
-                log.warning("%s: cached copy has the wrong size; fetched again", digest)
-                path.unlink(missing_ok=True)
+                # the verified copy's size is the digest's: the claim is wrong, not the copy
+                raise OSError(errno.EINVAL, f"{digest}: {size} bytes claimed, {found} verified")
             path = self.partial_path(digest)
             fd = self._locked(path, os.O_RDWR | os.O_CREAT)
             if fd < 0:
                 continue
+            map_fd = -1
             try:
-                if os.fstat(fd).st_size != size:
+                fresh = os.fstat(fd).st_size != size
+                if fresh:  # new, or left by a claim of another size: start it again
+                    os.ftruncate(fd, 0)
                     os.ftruncate(fd, size)
                 map_fd = os.open(
                     path.with_name(path.name + ".map"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
-            except OSError:
+                blob = Blob(self, digest, size, fd, complete=False)
+                blob.attach_map(map_fd, fresh=fresh)
+            except BaseException:
                 os.close(fd)
+                if map_fd >= 0:
+                    os.close(map_fd)
                 raise
             os.utime(path)
-            blob = Blob(self, digest, size, fd, complete=False)
-            blob.attach_map(map_fd)
             return blob
         raise OSError(errno.EAGAIN, f"{digest}: the cache kept changing under us")
 
@@ -416,9 +498,11 @@ class BlobCache:
     def release(self, blob: Blob) -> None:
         """One hold less; the last one closes the files (a fetch holds one too)."""
         blob.refs -= 1
-        if blob.refs <= 0 and self._open.get(blob.digest) is blob and not blob._pending:
-            del self._open[blob.digest]
+        if blob.refs <= 0 and blob.idle():
+            if self._open.get(blob.digest) is blob:
+                del self._open[blob.digest]
             blob.close_files()
+            self._stuck = False
 
     def touch(self, blob: Blob) -> None:
         path = self.complete_path(blob.digest) if blob.complete else self.partial_path(blob.digest)
@@ -430,10 +514,20 @@ class BlobCache:
             self._retrying.add(digest)
             log.warning("%s: the registry is not answering (%s); retrying", digest, reason)
 
-    def grew(self, size: int) -> None:
+    async def grew(self, size: int) -> None:
+        """Bytes were written: evict (in a thread) when over, unless the last eviction
+        found everything in use and nothing was closed since."""
         self.used += size
-        if self.used > self.max_bytes:
-            self.evict()
+        now = time.monotonic()
+        if now - self._measured > MEASURE_EVERY:  # other workers write here too
+            self._measured = now
+            self.used = await threads.run_sync(self._measure)
+        if self.used > self.max_bytes and not self._stuck:
+            await threads.run_sync(self.evict)
+
+    async def make_room(self, size: int) -> None:
+        """The disk is full below the cache size: evict as if the cache were ``size`` smaller."""
+        await threads.run_sync(self.evict, max(0, min(self.used, self.max_bytes) - size))
 
     def promote(self, blob: Blob) -> None:
         """Verified: the partial file becomes the blob (readers keep their descriptors)."""
@@ -443,15 +537,22 @@ class BlobCache:
         self._retrying.discard(blob.digest)
 
     def discard(self, blob: Blob) -> None:
+        """A blob that failed its digest check: its files (and its superblock's copy) go,
+        and it is no longer handed out; its readers keep the bad object, which refuses."""
         assert blob.bad is not None
         self._bad[blob.digest] = (blob.bad, time.monotonic())
+        if self._open.get(blob.digest) is blob:
+            del self._open[blob.digest]
         partial = self.partial_path(blob.digest)
-        for path in (partial, Path(str(partial) + ".map")):
+        heads = self.root / "heads" / "sha256" / _hex(blob.digest)
+        for path in (Path(str(partial) + ".map"), partial, heads):  # the map first
             path.unlink(missing_ok=True)
         self.used = self._measure()
 
-    def evict(self) -> None:
-        """Remove least recently used blobs nobody reads until under the size."""
+    def evict(self, target: int | None = None) -> None:
+        """Remove least recently used blobs nobody reads until under ``target`` (the
+        cache size); blocking, so it runs in a thread."""
+        limit = self.max_bytes if target is None else target
         entries = []
         for sub in ("blobs/sha256", "partial/sha256"):
             for entry in os.scandir(self.root / sub):
@@ -465,7 +566,7 @@ class BlobCache:
         entries.sort()
         used = self._measure()
         for _mtime, path, size in entries:
-            if used <= self.max_bytes:
+            if used <= limit:
                 break
             if self._evict_one(path):
                 used -= size
@@ -476,6 +577,7 @@ class BlobCache:
                     self.max_bytes,
                 )
         self.used = used
+        self._stuck = used > limit
         if used > self.max_bytes and not self._full_warned:
             self._full_warned = True
             log.warning(
@@ -496,10 +598,12 @@ class BlobCache:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # someone reads it
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    return False  # replaced since we opened it: not the file we locked
+            except (BlockingIOError, FileNotFoundError):
+                return False  # someone reads it, or it is gone
+            Path(str(path) + ".map").unlink(missing_ok=True)  # the map first
             path.unlink(missing_ok=True)
-            Path(str(path) + ".map").unlink(missing_ok=True)
             return True
         finally:
             os.close(fd)

@@ -95,16 +95,17 @@ class Catalog:
         files = await self.files()
         if name in files:
             return files[name]
+        refusal = None
         for registry in self.registries:
             wanted = registry.parse(name)
             if wanted is None:
                 continue
             try:
                 return await registry.lookup(wanted)
-            except NotServed as exc:
+            except NotServed as exc:  # the next registry may have it (two catalogs, say)
                 self._log_refusal(f"{registry}: {exc}")
-                return str(exc)
-        return f"no export named {name!r}; list them with NBD_OPT_LIST (nbdinfo --list)"
+                refusal = refusal or str(exc)
+        return refusal or f"no export named {name!r}; list them with NBD_OPT_LIST (nbdinfo --list)"
 
     def _log_refusal(self, message: str) -> None:
         """Once a minute per message: a client's INFO, GO and retries say the same."""

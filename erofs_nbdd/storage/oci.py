@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..registry.client import RegistryClient
     from ..registry.reference import RegistrySpec
     from .backend import Backend
-    from .blobcache import BlobCache
+    from .blobcache import Blob, BlobCache, Sink
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ HEAD = SUPERBLOCK_OFFSET + 256
 #: Seconds a listing of the registry (catalog, tags) is reused: LIST from many clients at
 #: once must not be a storm of requests to the registry.
 LIST_TTL = 2.0
+#: Tags one LIST shows at most, and how many are resolved at once.
+MAX_LISTED = 1000
+LIST_CONCURRENCY = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,25 +65,25 @@ class RemoteBlob:
 
     def open(self, *, io_uring: bool) -> Backend:
         blob = self.cache.open(self.digest, self.size)
-        self._arm(blob)
-        return RemoteBackend(self.cache, blob, io_uring=io_uring)
+        try:
+            self._arm(blob)
+            return RemoteBackend(self.cache, blob, io_uring=io_uring)
+        except BaseException:
+            self.cache.release(blob)
+            raise
 
-    def _arm(self, blob: object) -> None:
-        from .blobcache import Blob
-
-        assert isinstance(blob, Blob)
+    def _arm(self, blob: Blob) -> None:
+        """How the blob fetches what it lacks: from the registry that opened it first (the
+        digest, checked when the blob is whole, makes any registry holding it as good)."""
         blob.timeout = self.timeout
         blob.transient = (Unreachable,)
         if blob.fetch is None:
-            client, repository, digest = self.client, self.repository, self.digest
+            client, repository, digest, size = self.client, self.repository, self.digest, self.size
 
-            async def fetch(start: int, end: int, sink: object) -> None:
-                await client.read_blob(repository, digest, start, end, sink)  # type: ignore[arg-type]
+            async def fetch(start: int, end: int, sink: Sink) -> None:
+                await client.read_blob(repository, digest, start, end, size, sink)
 
             blob.fetch = fetch
-        refused = self.cache.refused(self.digest)
-        if refused is not None:
-            blob.bad = refused
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -234,6 +237,13 @@ class RegistrySource:
             if data is not None:
                 return parse(data, reference)
         try:
+            if not reference.startswith("sha256:"):
+                # a HEAD says where the tag points; that manifest may be here already
+                now = await self.client.manifest_digest(repository, reference)
+                known = self.meta.manifest(now) if now else None
+                if now and known is not None:
+                    self.meta.save_ref(repository, reference, now)
+                    return parse(known, now)
             data, digest, content_type = await self.client.manifest(repository, reference)
         except Unreachable as exc:
             cached = (
@@ -271,8 +281,10 @@ class RegistrySource:
         return found
 
     async def _superblock_export(
-        self, name: str, repository: str, layer: Descriptor, note: str
+        self, name: str, repository: str, layer: Descriptor, note: str, *, listing: bool = False
     ) -> Export:
+        """The layer as an export, once its superblock checks out. GO reads it through the
+        cache (the mount needs that chunk next); LIST only the bytes it needs, uncached."""
         refused = self.cache.refused(layer.digest)
         if refused is not None:
             raise NotServed(refused)
@@ -280,6 +292,11 @@ class RegistrySource:
         remote = RemoteBlob(
             self.cache, self.client, repository, layer.digest, layer.size, self.timeout
         )
+        if head is None and listing and not self.cache.complete_path(layer.digest).exists():
+            try:
+                head = await self.client.read_head(repository, layer.digest, HEAD, layer.size)
+            except RegistryError as exc:
+                raise NotServed(f"{name}: cannot read its superblock: {exc}") from exc
         if head is None:
             try:
                 backend = remote.open(io_uring=False)
@@ -415,10 +432,26 @@ class RegistrySource:
             now = trio.current_time()
             if self._listing is not None and now - self._listing[0] < LIST_TTL:
                 return self._listing[1]
-            found: list[tuple[str, str]] = []
+            wanted: list[ImageName] = []
             for repository in await self._repositories():
-                for tag in await self._tags(repository):
-                    found.extend(await self._list_tag(ImageName(repository, tag=tag)))
+                wanted += [ImageName(repository, tag=t) for t in await self._tags(repository)]
+                if len(wanted) > MAX_LISTED:
+                    self._warn_once(
+                        "too many", "%s: over %d tags; LIST shows the first", self, MAX_LISTED
+                    )
+                    del wanted[MAX_LISTED:]
+                    break
+            results: list[list[tuple[str, str]]] = [[] for _ in wanted]
+            limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
+
+            async def one(i: int) -> None:
+                async with limiter:
+                    results[i] = await self._list_tag(wanted[i])
+
+            async with trio.open_nursery() as nursery:  # a tag at a time is 2000 round trips
+                for i in range(len(wanted)):
+                    nursery.start_soon(one, i)
+            found = [entry for entries in results for entry in entries]
             self._listing = (trio.current_time(), found)
             return found
 
@@ -429,7 +462,9 @@ class RegistrySource:
             layers = self._erofs_layers(name, manifest)
             note = self._describe(manifest, layers, wanted.repository)
             if len(layers) == 1:
-                export = await self._superblock_export(name, wanted.repository, layers[0], note)
+                export = await self._superblock_export(
+                    name, wanted.repository, layers[0], note, listing=True
+                )
                 return [(name, export.description)]
             out = [(name, note)]
             for i, layer in enumerate(layers):
@@ -439,6 +474,7 @@ class RegistrySource:
                     wanted.repository,
                     layer,
                     f"layer {i + 1} of {len(layers)} of {name}",
+                    listing=True,
                 )
                 out.append((digest_name, export.description))
             return out

@@ -21,6 +21,7 @@ class RemoteBackend:
         self._cache = cache
         self._blob = blob
         self._file = FileBackend(os.dup(blob.fd), io_uring=io_uring, size=blob.size)
+        self._closed = False
 
     def get_size(self) -> int:
         return self._blob.size
@@ -52,6 +53,7 @@ class RemoteBackend:
         return [(min(length, self._blob.size - offset), 0)]
 
     def close(self) -> None:
-        if self._blob is not None:
+        if not self._closed:  # once: a second release would drop another reader's hold
+            self._closed = True
             self._file.close()
             self._cache.release(self._blob)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -69,12 +70,18 @@ class Hostile:
         if path == "/v2/":
             return self._send(r, 200, b"{}")
         if path == "/v2/team/app/tags/list":
-            tags = ["good", "huge", "../../escape", "no-range", "short", "UPPER/../x"]
-            return self._send(r, 200, json.dumps({"name": "team/app", "tags": tags}).encode())
+            tags = ["good", "huge", "../../escape", "no-range", "short", "UPPER/../x", "traversal"]
+            body = json.dumps({"name": "team/app", "tags": tags}).encode()
+            # a next page elsewhere: our credentials must not follow it there
+            elsewhere = f"<http://127.0.0.1:{self.http.server_address[1] + 1}/v2/x>; rel=next"
+            return self._send(r, 200, body, Link=elsewhere)
         if path.startswith("/v2/team/app/manifests/"):
             tag = path.rpartition("/")[2]
             if tag == "huge":  # far past any manifest: must not be read into memory
-                return self._send(r, 200, b"{" + b" " * (8 * 1024 * 1024) + b"}")
+                return self._send(r, 200, b"{" + b" " * (64 * 1024 * 1024) + b"}")
+            if tag == "traversal":  # a "digest" that is a path out of the cache
+                bad = self.manifest.replace(self.digest.encode(), b"sha256:" + b"/.." * 21 + b"/x")
+                return self._send(r, 200, bad, Content_Type=OCI_MANIFEST)
             if tag in ("good", "no-range", "short", self.digest):
                 body = self.manifest
                 return self._send(r, 200, body, Content_Type=OCI_MANIFEST)
@@ -92,6 +99,19 @@ class Hostile:
         part = self.blob[int(start) : int(end) + 1]
         if mode == "short":
             part = part[: len(part) // 2]
+        if mode == "drip":  # a byte every 0.2 s, for as long as the client waits
+            r.send_response(206)
+            r.send_header("Content-Range", f"bytes {start}-{end}/{len(self.blob)}")
+            r.send_header("Content-Length", str(len(part)))
+            r.end_headers()
+            try:
+                for i in range(len(part)):
+                    r.wfile.write(part[i : i + 1])
+                    r.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            return
         total = len(self.blob)
         self._send(r, 206, part, Content_Range=f"bytes {start}-{end}/{total}")
 
@@ -130,10 +150,11 @@ def test_names_that_are_paths_are_ignored(server: RunningServer, tmp_path: Path)
 
 
 def test_a_huge_manifest_is_refused_unread(server: RunningServer, hostile: Hostile) -> None:
+    before = server.rss_mib()
     out = run("nbdinfo", server.uri("team/app:huge"), check=False)
     assert out.returncode != 0
     assert "over 4194304 bytes" in server.log_text()
-    assert server.rss_mib() < 150
+    assert server.rss_mib() - before < 32  # 64 MiB were sent
     assert md5_of_export(server, "team/app:good") == hashlib.md5(hostile.blob).hexdigest()
 
 
@@ -152,3 +173,27 @@ def test_short_answers_are_eio_and_the_server_lives(
     assert out.returncode != 0
     hostile.mode = "good"  # type: ignore[attr-defined]
     assert md5_of_export(server, "team/app:good") == hashlib.md5(hostile.blob).hexdigest()
+
+
+def test_a_digest_that_is_a_path_is_refused(server: RunningServer, tmp_path: Path) -> None:
+    out = run("nbdinfo", server.uri("team/app:traversal"), check=False)
+    assert out.returncode != 0
+    assert "has no sha256 digest" in server.log_text()
+    assert not Path("/x").exists() and not Path("/x.map").exists()
+    assert {p.name for p in tmp_path.iterdir()} <= {"cache"}
+
+
+def test_next_pages_elsewhere_are_not_followed(server: RunningServer) -> None:
+    run("nbdinfo", "--list", f"nbd://{server.address}", check=False)
+    assert "ignored a next page elsewhere" in server.log_text()
+
+
+def test_a_registry_that_drips_costs_a_bounded_wait(
+    server: RunningServer, hostile: Hostile
+) -> None:
+    hostile.mode = "drip"  # type: ignore[attr-defined]
+    started = time.monotonic()
+    out = run("nbdcopy", "--", server.uri("team/app:good"), "null:", check=False, timeout=60)
+    assert out.returncode != 0  # --source-timeout 1: EIO, not a wait of days
+    assert time.monotonic() - started < 45
+    assert "no whole answer in 1 s" in server.log_text()

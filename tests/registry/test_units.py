@@ -156,3 +156,17 @@ def test_sizes() -> None:
     for bad in ("", "G", "-1G", "0", "ten", "nan"):
         with pytest.raises(ValueError, match="size"):
             parse_size(bad)
+
+
+def test_credentials_go_only_to_the_registry() -> None:
+    from erofs_nbdd.registry.auth import RegistryAuth
+    from erofs_nbdd.registry.credentials import Credentials
+
+    auth = RegistryAuth(httpx.URL("https://reg:5000"), "reg:5000", Credentials("u", "secret"))
+    auth._scheme = "basic"  # as after the registry's first challenge
+    ours = next(auth.auth_flow(httpx.Request("GET", "https://reg:5000/v2/a/tags/list")))
+    assert ours.headers["Authorization"].startswith("Basic ")
+    for elsewhere in ("https://storage:443/blob", "http://reg:5000/v2/", "https://reg:5001/v2/"):
+        sent = next(auth.auth_flow(httpx.Request("GET", elsewhere)))
+        assert "Authorization" not in sent.headers, elsewhere
+    assert "secret" not in repr(auth.credentials)
