@@ -1,6 +1,7 @@
 """Summaries of the benchmark runs: medians with min and max, ratios of erofs-nbdd to nbdkit
 (TLS to nbdkit with TLS; erofs-nbdd at a ref likewise), the issue's targets, this tree against
-each ref, a text table and a PNG plot."""
+each ref, the registry-backed erofs-nbdd against the file-backed one (warm) and against curl
+(cold), a text table and a PNG plot."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ TARGETS: dict[str, tuple[str, float, bool]] = {
     "rand4k_qd1": ("p50_us", 1.5, False),
 }
 TLS_TARGETS = {"seq1m_qd8": ("mib_s", 1.0, True)}
+#: erofs-nbdd-registry-warm (a cache holding the whole blob) against the file-backed
+#: erofs-nbdd, on every workload's primary metric: within 10 %.
+WARM_TARGET = 0.9
+#: curl's GET of the whole blob, the row the cold registry-backed nbdcopy is compared with.
+CURL = "registry-curl"
 Summary = dict[str, dict[str, dict[str, dict[str, float]]]]
 
 
@@ -62,6 +68,13 @@ def baseline(name: str) -> str | None:
     return server_name("nbdkit", None, tls) if kind == "erofs-nbdd" else None
 
 
+def file_backed(name: str) -> str | None:
+    """The file-backed erofs-nbdd a registry-backed one with a full cache is judged
+    against: ``erofs-nbdd-registry-warm[-tls]`` -> ``erofs-nbdd[-tls]``."""
+    kind, ref, tls = split_name(name)
+    return server_name("erofs-nbdd", ref, tls) if kind == "erofs-nbdd-registry-warm" else None
+
+
 def counterpart(name: str) -> str | None:
     """This tree's server that a ref's is compared with: ``erofs-nbdd@c1721e8-tls`` ->
     ``erofs-nbdd-tls``."""
@@ -83,6 +96,38 @@ def verdicts(summary: Summary) -> list[tuple[str, float, float, bool, bool]]:
             if r is not None:
                 met = r >= target if higher else r <= target
                 out.append((f"{ours} {workload} {metric}", r, target, higher, met))
+    return out
+
+
+def warm_verdicts(
+    summary: Summary, workloads: list[Workload]
+) -> list[tuple[str, float, float, bool, bool]]:
+    """The registry-backed erofs-nbdd with a full cache / the file-backed one, every
+    workload's primary metric, target WARM_TARGET; as ``verdicts``."""
+    out = []
+    for ours in summary:
+        ref = file_backed(ours)
+        if ref is None:
+            continue
+        for w in workloads:
+            r = ratio(summary, ours, ref, w.name, primary(w))
+            if r is not None:
+                what = f"{ours} / {ref} {w.name} {primary(w)}"
+                out.append((what, r, WARM_TARGET, True, r >= WARM_TARGET))
+    return out
+
+
+def cold_versus_curl(summary: Summary) -> list[tuple[str, float, float, float]]:
+    """(server, its nbdcopy MiB/s, curl's MiB/s, ratio) for each registry-backed erofs-nbdd
+    with an empty cache, against curl's GET of the blob in the same run (medians)."""
+    out = []
+    for ours in summary:
+        if split_name(ours)[0] != "erofs-nbdd-registry-cold":
+            continue
+        r = ratio(summary, ours, CURL, "nbdcopy", "mib_s")
+        if r is not None:
+            mine = summary[ours]["nbdcopy"]["mib_s"]["median"]
+            out.append((ours, mine, summary[CURL]["nbdcopy"]["mib_s"]["median"], r))
     return out
 
 
@@ -109,12 +154,27 @@ def render_table(
     meta: dict[str, Any],
 ) -> str:
     """``memory``: server -> ``memory_under_load``'s figures."""
+    registry = bool(meta.get("registry"))
     lines = [
         f"erofs-nbdd benchmark, {meta['date']}, {meta['machine']}",
         f"{meta['repeats']} round(s) of {meta['duration_s']:g} s, pin={meta['pin']}; "
         "median [min..max]; QD1 adds p50/p99 latency",
-        "",
     ]
+    if meta["pin"] == "split":
+        lines.append(
+            "pin=split: servers on CPU 0"
+            + (" (docker-registry too, beside the registry-backed erofs-nbdd)" if registry else "")
+            + ", clients on CPU 1 (fio, nbdcopy"
+            + (", curl)" if registry else ")")
+        )
+    if registry:
+        lines += [
+            "registry rows: the image pushed to a docker-registry on loopback as team/app:bench;"
+            " -warm: the cache held the whole blob before the rounds;",
+            "  -cold: restarted with an empty cache before every run (nbdcopy: one copy);"
+            f" {CURL}: curl GET of the whole blob from that registry",
+        ]
+    lines.append("")
     wide = max([16, *(len(n) + 2 for n in names)])
     head = f"{'server':{wide}}" + "".join(f"{w.label:>30}" for w in workloads)
     lines += [head, "-" * len(head)]
@@ -133,7 +193,8 @@ def render_table(
         lines.append(row)
     lines += ["", "ratios to nbdkit in this run (targets from the performance issue):"]
     found = verdicts(summary)
-    wide = max([38, *(len(v[0]) for v in found)])
+    warm = warm_verdicts(summary, workloads)
+    wide = max([38, *(len(v[0]) for v in found + warm)])
     for what, r, target, higher, met in found:
         sign = ">=" if higher else "<="
         lines.append(
@@ -144,6 +205,26 @@ def render_table(
         lines.append(
             f"  {name} RSS, 64 conns x 128 reads in flight: {figures['rss_peak_mib']:.0f} MiB"
             f"  target < 100 MiB  {'met' if met else 'NOT met'}"
+        )
+    if warm:
+        lines += ["", "registry-backed with the whole blob cached / file-backed, this run:"]
+    for what, r, target, _, met in warm:
+        lines.append(
+            f"  {what:{wide}} {r:5.2f}x  target >= {target:g}x  {'met' if met else 'NOT met'}"
+        )
+    cold = cold_versus_curl(summary)
+    if cold:
+        lines += ["", f"registry-backed with an empty cache, nbdcopy / {CURL}, this run:"]
+    for server, cold_mib_s, curl_mib_s, r in cold:
+        lines.append(
+            f"  {server} {cold_mib_s:.0f} MiB/s / {CURL} {curl_mib_s:.0f} MiB/s = {r:.2f}x"
+        )
+        busy = {k: v["median"] for k, v in summary[server]["nbdcopy"].items()}
+        curl_cpu = summary[CURL]["nbdcopy"].get("server_cpu", {}).get("median", 0.0)
+        lines.append(
+            f"    cores busy: erofs-nbdd {busy.get('server_cpu', 0.0):.2f} and docker-registry"
+            f" {busy.get('registry_cpu', 0.0):.2f} during its nbdcopy;"
+            f" docker-registry {curl_cpu:.2f} during curl's GET"
         )
     pairs = versus(summary, workloads)
     if pairs:
@@ -170,10 +251,11 @@ def render_table(
 
 def series(summary: Summary, workloads: list[Workload]) -> list[tuple[str, list[float]]]:
     """The plot's bars: each erofs-nbdd (this tree's or a ref's, plaintext or TLS) relative to
-    its nbdkit, per workload (0 where not measured)."""
+    its nbdkit, and the registry-backed one with a full cache relative to the file-backed one,
+    per workload (0 where not measured)."""
     out = []
     for ours in summary:
-        ref = baseline(ours)
+        ref = baseline(ours) or file_backed(ours)
         if ref is None:
             continue
         values = [ratio(summary, ours, ref, w.name, primary(w)) or 0.0 for w in workloads]
@@ -202,8 +284,10 @@ def plot(summary: Summary, workloads: list[Workload], path: Path, meta: dict[str
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks([x + width * (len(bars_of) - 1) / 2 for x in range(len(labels))], labels)
-    ax.set_ylabel("throughput relative to nbdkit (1.0 = equal)")
-    ax.set_title(f"erofs-nbdd vs nbdkit, {meta['date'][:10]}, {meta['machine'].split(',')[1]}")
+    ax.set_ylabel("relative to the baseline (1.0 = equal)")
+    ax.set_title(
+        f"erofs-nbdd / its baseline (legend), {meta['date'][:10]}, {meta['machine'].split(',')[1]}"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -9,6 +9,13 @@ machine hits all alike. Figures are medians of the rounds, with min and max; ero
 judged by its ratio to nbdkit in the same run. ``--against REF`` adds erofs-nbdd as it was at
 commit REF (``erofs-nbdd@SHORT``, ``erofs-nbdd@SHORT-tls``) to the same rounds, for a before and
 after. Writes table.txt, results.json and ratios.png.
+
+The registry-backed rows serve the same image from a docker-registry the benchmark starts on
+loopback (a server: pinned with the others), pushed there by ``erofs-nbdd push``:
+``erofs-nbdd-registry-warm`` once its cache holds the whole blob (filled before the rounds),
+judged against the file-backed erofs-nbdd; ``erofs-nbdd-registry-cold`` restarted with an
+empty cache before every run, its nbdcopy judged against ``registry-curl``, curl's GET of the
+whole blob from the same registry in the same round.
 """
 
 from __future__ import annotations
@@ -28,14 +35,33 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .report import plot, render_table, summarize
-from .servers import ROOT, make_servers, with_refs
-from .workloads import WORKLOADS, memory_under_load, primary, run_fio, run_nbdcopy
+from .registry import Registry
+from .report import CURL, plot, render_table, summarize
+from .servers import REGISTRY_KINDS, ROOT, Origin, RegistryServer, Server, make_servers, with_refs
+from .workloads import WORKLOADS, MiB, memory_under_load, primary, run_fio, run_nbdcopy
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-SERVERS = ["erofs-nbdd", "nbdkit", "qemu-nbd", "erofs-nbdd-tls", "nbdkit-tls", "qemu-nbd-tls"]
+    from .workloads import Workload
+
+SERVERS = [
+    "erofs-nbdd",
+    "nbdkit",
+    "qemu-nbd",
+    *REGISTRY_KINDS,  # erofs-nbdd-registry-warm, erofs-nbdd-registry-cold
+    "erofs-nbdd-tls",
+    "nbdkit-tls",
+    "qemu-nbd-tls",
+]
+#: What an empty cache is measured with: nbdcopy (a sequential whole read, the figure that
+#: matters) and, but for --quick, random 4k reads (each first read of a chunk a Range GET;
+#: the cache fills as the run goes on, so these are an empty cache's first seconds).
+COLD_WORKLOADS = ("nbdcopy", "rand4k_qd1", "rand4k_qd32")
+COLD_WORKLOADS_QUICK = ("nbdcopy",)
+#: Bounds on filling the warm cache: nbdcopy of the whole export, then the digest check.
+FILL_TIMEOUT = 300.0
+VERIFY_TIMEOUT = 60.0
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "erofs-nbdd-bench"
 
 
@@ -155,7 +181,11 @@ def checkout(ref: str) -> Iterator[tuple[str, str, Path]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s runs (under 3 min)")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma list")
+    ap.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="comma list (default %(default)s; any with -tls too, erofs-nbdd@REF with --against)",
+    )
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list")
     ap.add_argument("--repeats", type=int, help="rounds (default 3; quick 1)")
     ap.add_argument("--duration", type=float, help="seconds per fio run (default 8; quick 3)")
@@ -194,6 +224,50 @@ def main(argv: list[str] | None = None) -> int:
         return measure(args, refs)
 
 
+def fill(
+    server: RegistryServer, digest: str, size: int, cpus: str | None, prefix: list[str]
+) -> float:
+    """Read the whole export once (nbdcopy to null:) so ``server``'s cache holds the blob,
+    and check it does: CACHE/blobs/sha256/HEX, whole, and nothing left in partial/. MiB/s of
+    the fill (an empty cache's sequential read, like the cold row's)."""
+    figures = run_nbdcopy(server.uri(), size, cpus, prefix, loops=1, timeout=FILL_TIMEOUT)
+    blob = server.cached_blob(digest)
+    partial = server.cache / "partial" / "sha256" / blob.name
+    deadline = time.monotonic() + VERIFY_TIMEOUT  # the server hashes the blob, then moves it
+    while not (blob.exists() and not partial.exists()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{server.name}: {blob} not complete {VERIFY_TIMEOUT:g} s after a whole read"
+                f" (partial: {partial.exists()}); see {server.log}"
+            )
+        time.sleep(0.1)
+    if blob.stat().st_size != size:
+        raise RuntimeError(f"{server.name}: {blob} holds {blob.stat().st_size} bytes, not {size}")
+    return figures["mib_s"]
+
+
+def start_registry(
+    args: argparse.Namespace, image: Path, out: Path, cpus: str | None
+) -> tuple[Registry, Origin, str, str]:
+    """docker-registry on a free loopback port, its storage in the bench cache (so the
+    upload is once per image size), the image pushed as team/app:bench. (registry, what the
+    servers need, manifest digest, layer digest)."""
+    registry = Registry.create(CACHE / f"registry-{args.image_mib}", out, out / "logs")
+    say(f"docker-registry on {registry.url}, storage {registry.storage}")
+    registry.start(cpus)
+    authfile = out / "registry-auth.json"  # no credentials: not the host's either
+    authfile.write_text('{"auths": {}}\n')
+    t0 = time.monotonic()
+    manifest = registry.push(image, authfile)
+    layer, layer_size = registry.layer()
+    if layer_size != image.stat().st_size:
+        raise RuntimeError(f"the registry's layer {layer} is {layer_size} bytes, not the image's")
+    say(f"pushed {image.name} as {manifest} in {time.monotonic() - t0:.1f} s; layer {layer}")
+    caches = Path(tempfile.mkdtemp(prefix="caches-", dir=CACHE))  # the image's file system
+    cache_size = f"{2 * layer_size // MiB + 64}M"
+    return registry, Origin(registry.source, caches, authfile, cache_size), manifest, layer
+
+
 def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
     """The run proper, with each ``--against`` ref checked out as (short, full, tree)."""
     trees = {short: tree for short, _, tree in refs}
@@ -205,39 +279,102 @@ def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
     size = image.stat().st_size
     pki, client_prefix = make_pki(out)
     server_cpus, client_cpus = ("0", "1") if args.pin == "split" else (None, None)
-    servers = make_servers(names, image, pki, out / "logs", args.base_port, args.workers, trees)
-    imports = {}
-    for server in servers:
-        if server.tree is not None:
-            imports[server.name] = str(server.imported_from())
-            say(f"{server.name}: erofs_nbdd from {imports[server.name]}")
+    registry: Registry | None = None
+    origin: Origin | None = None
+    registry_meta: dict[str, object] = {}
+    fills: dict[str, float] = {}  # MiB/s of each warm cache's fill
+    layer = ""
+    cold_workloads = COLD_WORKLOADS_QUICK if args.quick else COLD_WORKLOADS
     results: list[dict[str, object]] = []
-    started = time.monotonic()
-    runs = args.repeats * len(workloads) * len(servers)
-    say(
-        f"{len(servers)} servers x {len(workloads)} workloads x {args.repeats} rounds = {runs} "
-        f"runs of {args.duration:g} s; results in {out}"
-    )
     memory: dict[str, dict[str, float]] = {}
-    wide = max(len(s.name) for s in servers)
+    imports = {}
+    servers: list[Server] = []
+    started = time.monotonic()
     try:
+        if any(n.removesuffix("-tls") in REGISTRY_KINDS for n in names):
+            registry, origin, manifest, layer = start_registry(args, image, out, server_cpus)
+            registry_meta = {
+                "argv": " ".join(registry.argv),
+                "config": registry.argv[-1],
+                "source": registry.source,
+                "manifest": manifest,
+                "layer": layer,
+                "cold_workloads": list(cold_workloads),
+                "fill_mib_s": fills,
+            }
+        servers = make_servers(
+            names, image, pki, out / "logs", args.base_port, args.workers, trees, origin
+        )
+        rows = list(names)
+        colds = [s for s in servers if isinstance(s, RegistryServer) and s.cold]
+        if colds and any(w.kind == "nbdcopy" for w in workloads):
+            rows.insert(rows.index(colds[0].name) + 1, CURL)
+
+        def measured(server: Server, w: Workload) -> bool:
+            cold = isinstance(server, RegistryServer) and server.cold
+            return not cold or w.name in cold_workloads
+
+        def backing(server: Server) -> Path:
+            """The file whose pages the server's reads come from, to warm or evict."""
+            if not isinstance(server, RegistryServer):
+                return image
+            assert registry is not None
+            return registry.blob_file(layer) if server.cold else server.cached_blob(layer)
+
+        for server in servers:
+            if server.tree is not None:
+                imports[server.name] = str(server.imported_from())
+                say(f"{server.name}: erofs_nbdd from {imports[server.name]}")
+        runs = args.repeats * sum(measured(s, w) for s in servers for w in workloads)
+        say(
+            f"{len(servers)} servers x {len(workloads)} workloads x {args.repeats} rounds: "
+            f"{runs} runs of {args.duration:g} s; results in {out}"
+        )
+        wide = max(len(r) for r in rows)
         for server in servers:
             server.start(server_cpus)
+        for server in servers:
+            if isinstance(server, RegistryServer) and not server.cold:
+                mib_s = fill(server, layer, size, client_cpus, client_prefix)
+                fills[server.name] = mib_s
+                say(
+                    f"{server.name}: cache filled at {mib_s:.0f} MiB/s, {server.cached_blob(layer)}"
+                )
         done = 0
         for rnd in range(args.repeats):
             for w in workloads:
                 order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
                 for server in order:
-                    resident = evict(image) if w.cold else warm(image)
+                    if not measured(server, w):
+                        continue
+                    cold = isinstance(server, RegistryServer) and server.cold
+                    if cold and w.kind == "nbdcopy" and registry is not None:
+                        resident = evict(backing(server)) if w.cold else warm(backing(server))
+                        cpu0 = registry.cpu_seconds()
+                        figures = registry.curl_get(layer, size, client_cpus)
+                        figures["server_cpu"] = (registry.cpu_seconds() - cpu0) / figures["seconds"]
+                        figures["resident_before"] = resident
+                        results.append(
+                            {"server": CURL, "workload": w.name, "round": rnd, **figures}
+                        )
+                        say(f"    {w.name:15} {CURL:{wide}} {figures['mib_s']:10.0f} mib_s")
+                    resident = evict(backing(server)) if w.cold else warm(backing(server))
+                    if isinstance(server, RegistryServer) and server.cold:
+                        server.restart_empty(server_cpus)
                     cpu0 = server.cpu_seconds()
+                    registry_cpu0 = registry.cpu_seconds() if registry is not None else 0.0
                     t0 = time.monotonic()
                     uri = server.uri()
                     if w.kind == "fio":
                         figures = run_fio(w, uri, args.duration, client_cpus, client_prefix)
                     else:
-                        figures = run_nbdcopy(uri, size, client_cpus, client_prefix)
+                        # an empty cache is empty once: the cold row reads the image once
+                        loops = 1 if cold else 2
+                        figures = run_nbdcopy(uri, size, client_cpus, client_prefix, loops)
                     elapsed = time.monotonic() - t0
                     figures["server_cpu"] = (server.cpu_seconds() - cpu0) / elapsed
+                    if isinstance(server, RegistryServer) and registry is not None:
+                        figures["registry_cpu"] = (registry.cpu_seconds() - registry_cpu0) / elapsed
                     figures["resident_before"] = resident
                     results.append(
                         {"server": server.name, "workload": w.name, "round": rnd, **figures}
@@ -257,7 +394,11 @@ def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
     finally:
         for server in servers:
             server.stop()
-    summary = summarize(results, workloads, names)
+        if registry is not None:
+            registry.stop()
+        if origin is not None:
+            shutil.rmtree(origin.caches, ignore_errors=True)
+    summary = summarize(results, workloads, rows)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -272,8 +413,9 @@ def measure(args: argparse.Namespace, refs: list[tuple[str, str, Path]]) -> int:
         "servers": {s.name: " ".join(s.argv) for s in servers},
         "against": {short: full for short, full, _ in refs},
         "erofs_nbdd_imported_from": imports,
+        "registry": registry_meta,
     }
-    table = render_table(summary, workloads, names, memory, meta)
+    table = render_table(summary, workloads, rows, memory, meta)
     (out / "table.txt").write_text(table)
     (out / "results.json").write_text(
         json.dumps({"meta": meta, "runs": results, "summary": summary, "memory": memory}, indent=1)

@@ -2,11 +2,17 @@
 127.0.0.1, plaintext or TLS, started as process groups so they are always stopped.
 
 Names are ``KIND[@REF][-tls]``: ``erofs-nbdd@c1721e8-tls`` is erofs-nbdd as it was at commit
-c1721e8 (checked out by ``bench.run --against``), with TLS required."""
+c1721e8 (checked out by ``bench.run --against``), with TLS required.
+
+The registry-backed kinds serve the same image pushed to a local docker-registry
+(bench/registry.py) as export ``team/app:bench``, fetched on demand into a cache directory:
+``erofs-nbdd-registry-warm`` once that cache holds the whole blob, ``erofs-nbdd-registry-cold``
+restarted with an empty cache before every run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,10 +20,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 HOST = "127.0.0.1"
 EXPORT = "img"
 ROOT = Path(__file__).resolve().parents[1]
+#: The registry-backed erofs-nbdd: kind -> whether every run starts from an empty cache.
+REGISTRY_KINDS = {"erofs-nbdd-registry-warm": False, "erofs-nbdd-registry-cold": True}
+REPOSITORY = "team/app"
+TAG = "bench"
 
 
 def split_name(name: str) -> tuple[str, str | None, bool]:
@@ -89,7 +100,7 @@ class Server:
 
     def start(self, cpus: str | None) -> None:
         argv = ["taskset", "-c", cpus, *self.argv] if cpus else self.argv
-        with self.log.open("wb") as out:
+        with self.log.open("ab") as out:  # a server restarted keeps its earlier output
             self.process = subprocess.Popen(
                 argv,
                 stdout=out,
@@ -160,6 +171,51 @@ class Server:
             pass
 
 
+@dataclass
+class RegistryServer(Server):
+    """erofs-nbdd serving REPOSITORY from a registry, its blobs cached in ``cache``."""
+
+    cache: Path = Path()
+    #: Every run starts from an empty cache (the server restarted with ``cache`` removed).
+    cold: bool = False
+
+    def uri(self) -> str:
+        """The export ``team/app:bench`` as libnbd writes it (nbdinfo's ``uri:``): the
+        path is the export name, percent-decoded; ':' escaped, '/' kept."""
+        export = quote(f"{REPOSITORY}:{TAG}", safe="/")
+        return f"{'nbds' if self.tls else 'nbd'}://{HOST}:{self.port}/{export}"
+
+    def cached_blob(self, digest: str) -> Path:
+        """Where the cache keeps a whole, verified blob."""
+        return self.cache / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+    def restart_empty(self, cpus: str | None) -> None:
+        """Stop, remove the cache directory, start: nothing of the image is local."""
+        self.stop()
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.start(cpus)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What the registry-backed servers need: the registry source (``oci+http://...``), a
+    directory for their caches, a credentials file of their own, the cache size."""
+
+    source: str
+    caches: Path
+    authfile: Path
+    cache_size: str
+
+
+def erofs_nbdd_argv(source: str, port: int, workers: int | None, tls: bool, pki: Path) -> list[str]:
+    argv = [sys.executable, "-m", "erofs_nbdd", "serve", source, "--listen", f"{HOST}:{port}"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    if tls:
+        argv += ["--tls", "require", "--tls-certificates", str(pki)]
+    return argv
+
+
 def make_servers(
     names: list[str],
     image: Path,
@@ -168,11 +224,13 @@ def make_servers(
     base_port: int,
     workers: int | None,
     trees: dict[str, Path] | None = None,
+    origin: Origin | None = None,
 ) -> list[Server]:
     """Command lines for each named server; ``image`` lies in a directory of its own, so
     erofs-nbdd serves exactly it, as ``img``. ``trees`` maps a ref's short hash to its
-    checkout; every erofs-nbdd, this tree's or a ref's, gets the same flags."""
-    out = []
+    checkout; every erofs-nbdd, this tree's or a ref's, gets the same flags. The
+    registry-backed kinds (this tree's only) need ``origin``."""
+    out: list[Server] = []
     for i, name in enumerate(names):
         port = base_port + i
         kind, ref, tls = split_name(name)
@@ -181,19 +239,23 @@ def make_servers(
             tree = ROOT if ref is None else (trees or {}).get(ref)
             if tree is None:
                 raise ValueError(f"{name}: no checkout of {ref} (see --against)")
-            argv = [
-                sys.executable,
-                "-m",
-                "erofs_nbdd",
-                "serve",
-                str(image.parent),
-                "--listen",
-                f"{HOST}:{port}",
-            ]
-            if workers is not None:
-                argv += ["--workers", str(workers)]
-            if tls:
-                argv += ["--tls", "require", "--tls-certificates", str(pki)]
+            argv = erofs_nbdd_argv(str(image.parent), port, workers, tls, pki)
+        elif kind in REGISTRY_KINDS:
+            if ref is not None:
+                raise ValueError(f"{name}: only erofs-nbdd can be run at a ref")
+            if origin is None:
+                raise ValueError(f"{name}: no registry to serve from")
+            cache = origin.caches / name
+            argv = erofs_nbdd_argv(origin.source, port, workers, tls, pki)
+            argv += ["--cache", str(cache), "--cache-size", origin.cache_size]
+            argv += ["--authfile", str(origin.authfile)]
+            log = logs / f"{name}.log"
+            out.append(
+                RegistryServer(
+                    name, argv, port, tls, log, ROOT, cache=cache, cold=REGISTRY_KINDS[kind]
+                )
+            )
+            continue
         elif ref is not None:
             raise ValueError(f"{name}: only erofs-nbdd can be run at a ref")
         elif kind == "nbdkit":

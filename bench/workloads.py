@@ -89,13 +89,19 @@ def run_fio(
 
 
 def run_nbdcopy(
-    uri: str, size: int, cpus: str | None, prefix: list[str], loops: int = 2
+    uri: str,
+    size: int,
+    cpus: str | None,
+    prefix: list[str],
+    loops: int = 2,
+    timeout: float = 300.0,
 ) -> dict[str, float]:
+    """The whole export to null:, the best of ``loops`` copies."""
     argv = client_argv(["nbdcopy", uri, "null:"], cpus, prefix)
     best = float("inf")
     for _ in range(loops):
         start = time.monotonic()
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"nbdcopy failed: {result.stderr[-1500:]}")
         best = min(best, time.monotonic() - start)

@@ -41,8 +41,8 @@ from . import threads
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-#: The most chunks a sequential reader's request grows to (8 MiB).
-READAHEAD_MAX = 8
+#: The most chunks ahead a sequential reader's request grows to (16 MiB).
+READAHEAD_MAX = 16
 #: Longest single Range request, in chunks.
 MAX_RUN = 16
 #: The largest blob taken (a registry claiming more is refused: its map would not fit).
@@ -122,7 +122,6 @@ class Blob:
         self.bad: str | None = None
         self.refs = 0
         self._window = 0
-        self._next = -1  # the chunk after the last read's range: a read there is sequential
         self._touched = time.monotonic()
         self.fetches = 0  # Range requests made (a test counts them)
         self._verifying = False
@@ -165,9 +164,10 @@ class Blob:
         if self.complete:
             return
         first, last = offset // CHUNK, (offset + max(length, 1) - 1) // CHUNK
-        sequential = first in (self._next, self._next - 1)
+        # sequential: the chunk before is in or coming (whichever reader asked for it, so
+        # readers that share a sequential copy between them, as nbdcopy's do, count too)
+        sequential = first > 0 and (self.present[first - 1] or (first - 1) in self._pending)
         self._window = min(max(1, self._window * 2), READAHEAD_MAX) if sequential else 0
-        self._next = last + 1
         for index in range(first, min(last, self.chunks - 1) + 1):
             if self.present[index]:
                 continue
@@ -286,22 +286,23 @@ class Blob:
 
     async def _land(self, at: int, data: bytes, buffers: dict[int, bytearray]) -> None:
         """Bytes arrived: whole chunks are written and marked (their readers go on)."""
-        while data:
+        view = memoryview(data)  # slices of it copy nothing; the buffer is the one copy
+        while view:
             index = at // CHUNK
             chunk_start = index * CHUNK
             chunk_end = min(chunk_start + CHUNK, self.size)
             buffer = buffers.setdefault(index, bytearray())
             if chunk_start + len(buffer) != at:
                 raise ImageUnreadable(f"{self.digest}: bytes out of order at {at}")
-            take = data[: chunk_end - at]
+            take = view[: chunk_end - at]
             buffer += take
-            data = data[len(take) :]
+            view = view[len(take) :]
             at += len(take)
             if at == chunk_end:
                 del buffers[index]
-                await self._write(index, bytes(buffer))
+                await self._write(index, buffer)
 
-    async def _write(self, index: int, data: bytes) -> None:
+    async def _write(self, index: int, data: bytes | bytearray) -> None:
         if self.present[index] or self.bad is not None:
             return
         try:
@@ -327,7 +328,7 @@ class Blob:
         if event is not None:
             event.set()
 
-    def _write_sync(self, index: int, data: bytes) -> None:
+    def _write_sync(self, index: int, data: bytes | bytearray) -> None:
         view, offset = memoryview(data), index * CHUNK
         while view:  # a short write (a disk filling up) must not leave a hole marked present
             written = os.pwrite(self.fd, view, offset)
