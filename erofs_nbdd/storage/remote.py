@@ -22,6 +22,16 @@ class RemoteBackend:
         self._blob = blob
         self._file = FileBackend(os.dup(blob.fd), io_uring=io_uring, size=blob.size)
         self._closed = False
+        if blob.complete:
+            self._direct()
+
+    def _direct(self) -> None:
+        """A verified blob is a plain file from now on (it can no longer turn out bad): its
+        reads go straight to the file backend, without a check of ours per request (which
+        cost random 4 KiB reads at QD32 13 % against a file export)."""
+        self.read_nowait = self._file.read_nowait  # type: ignore[method-assign]
+        self.file_range = self._file.file_range  # type: ignore[method-assign]
+        self.read = self._file.read  # type: ignore[method-assign]
 
     def get_size(self) -> int:
         return self._blob.size
@@ -32,6 +42,8 @@ class RemoteBackend:
 
     def read_nowait(self, view: memoryview, offset: int) -> bool:
         self._check()
+        if self._blob.complete:
+            self._direct()
         return self._blob.has(offset, len(view)) and self._file.read_nowait(view, offset)
 
     def file_range(self, offset: int, length: int) -> FileRange | None:
