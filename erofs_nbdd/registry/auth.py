@@ -80,8 +80,6 @@ class RegistryAuth(httpx.Auth):
         #: basic or bearer, once the registry said which.
         self._scheme: str | None = None
         self._tokens: dict[str, tuple[str, float]] = {}  # scope: (token, renew at)
-        #: Tokens fetched: a test (and metrics) can see renewals.
-        self.tokens_fetched = 0
 
     def _ours(self, url: httpx.URL) -> bool:
         return (url.scheme, url.host, url.port) == (
@@ -197,7 +195,6 @@ class RegistryAuth(httpx.Auth):
             raise AuthError(f"the token service of {self.host} sent no token") from None
         if not isinstance(token, str) or not _TOKEN.fullmatch(token):
             raise AuthError(f"the token service of {self.host} sent no usable token")
-        self.tokens_fetched += 1
         renew = max(lifetime - RENEW_EARLY, lifetime / 2)
         self._tokens[scope] = (token, time.monotonic() + renew)
         return token

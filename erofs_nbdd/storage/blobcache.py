@@ -123,7 +123,6 @@ class Blob:
         self.refs = 0
         self._window = 0
         self._touched = time.monotonic()
-        self.fetches = 0  # Range requests made (a test counts them)
         self._verifying = False
         self._progress = time.monotonic()
 
@@ -227,7 +226,6 @@ class Blob:
                 stop = min(end * CHUNK, self.size)
                 buffers.clear()
                 try:
-                    self.fetches += 1
                     with trio.move_on_at(deadline) as scope:
                         await self.fetch(
                             start, stop, lambda at, data: self._land(at, data, buffers)

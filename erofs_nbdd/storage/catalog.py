@@ -44,9 +44,6 @@ class Catalog:
         self._collisions: set[str] = set()
         self._refusals: dict[str, float] = {}
 
-    def describe_sources(self) -> str:
-        return ", ".join([*(str(d.root) for d in self.directories), *map(str, self.registries)])
-
     async def files(self) -> dict[str, Export]:
         """Each directory's exports; the first directory's wins a shared name."""
         found: dict[str, Export] = {}
@@ -63,8 +60,11 @@ class Catalog:
             self._collisions.add(name)
             log.warning("export %r is offered twice: serving %s, not %s", name, kept, lost)
 
-    async def listing(self) -> list[Listed]:
-        files = await self.files()
+    async def listing(self, files: dict[str, Export] | None = None) -> list[Listed]:
+        """Every export, by name and description (``files``: the directories' exports,
+        when the caller has just scanned them)."""
+        if files is None:
+            files = await self.files()
         out = [Listed(e.name, e.description) for e in files.values()]
         seen = set(files)
         for registry in self.registries:
@@ -79,11 +79,12 @@ class Catalog:
 
     async def lookup(self, name: str) -> Export | str:
         """The export ``name`` selects, or a message saying why there is none."""
+        files = await self.files()
         if name == "":
             if self.default_export is not None:
                 name = self.default_export
             else:
-                listed = await self.listing()
+                listed = await self.listing(files)
                 if len(listed) == 1:
                     name = listed[0].name
                 else:
@@ -92,7 +93,6 @@ class Catalog:
                         f"no default export: {len(listed)} images are served ({names}); "
                         "name one, or start the server with --default-export NAME"
                     )
-        files = await self.files()
         if name in files:
             return files[name]
         refusal = None

@@ -103,13 +103,12 @@ def _identity(st: os.stat_result) -> _Key:
 class ExportDirectory:
     """Every EROFS image below ``root``; never anything outside it."""
 
-    def __init__(self, root: Path, *, default_export: str | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         # stat first: the kernel ends a symlink loop or an endless chain with ELOOP, where
         # realpath would loop in Python until RecursionError
         if not stat.S_ISDIR(os.stat(root).st_mode):
             raise NotADirectoryError(f"{root} is not a directory")
         self.root = Path(os.path.realpath(root, strict=True))
-        self.default_export = default_export
         self._cache: dict[_Key, Superblock | str] = {}
         self._warned: set[str] = set()
         #: Scans run in worker threads, several at once when clients negotiate together.
@@ -234,21 +233,3 @@ class ExportDirectory:
                 return
             self._warned.add(key)
         log.warning("%s", message)
-
-    def resolve_name(self, name: str, exports: dict[str, Export]) -> Export | str:
-        """The export a client's name selects, or a message saying why there is none."""
-        if name == "":
-            if self.default_export is not None:
-                name = self.default_export
-            elif len(exports) == 1:
-                return next(iter(exports.values()))
-            else:
-                names = ", ".join(sorted(exports)[:10]) or "none"
-                return (
-                    f"no default export: {len(exports)} images are served ({names}); "
-                    "name one, or start the server with --default-export NAME"
-                )
-        export = exports.get(name)
-        if export is None:
-            return f"no export named {name!r}; list them with NBD_OPT_LIST (nbdinfo --list)"
-        return export

@@ -22,9 +22,7 @@ class SourceError(Exception):
 
 def build_catalog(config: ServerConfig) -> Catalog:
     """Every source opened (nothing is fetched yet: see ``check_registries``)."""
-    directories = [
-        ExportDirectory(root, default_export=config.default_export) for root in config.directories
-    ]
+    directories = [ExportDirectory(root) for root in config.directories]
     registries: list[RegistrySource] = []
     texts = config.registry_sources
     if texts:  # httpx and its kin cost a server memory: imported only where used
