@@ -3,7 +3,9 @@ bounded in bytes and in time whatever the registry does (errors.py says what can
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import re
 import ssl
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ from .errors import AuthError, NotFound, RegistryError, TrustError, Unreachable
 from .manifest import ACCEPT, MAX_BLOB, MAX_MANIFEST, sha256_digest
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
     from .credentials import Credentials
@@ -118,18 +120,25 @@ class RegistryClient:
             reason = str(exc) or type(exc).__name__
         return Unreachable(f"{self.spec.host}: {what}: {reason}")
 
+    @contextlib.contextmanager
+    def _answering(self, what: str, *, deadline: bool = True) -> Iterator[None]:
+        """One request's bounds and errors, in one place: at most ``self.deadline`` in all
+        (unless the caller bounds it), and httpx's failures as ours."""
+        try:
+            with trio.fail_after(self.deadline if deadline else math.inf):
+                yield
+        except trio.TooSlowError:
+            raise Unreachable(
+                f"{self.spec.host}: {what}: no answer in {self.deadline:g} s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise self._wrap(exc, what) from exc
+
     async def _request(
         self, method: str, path: str, *, headers: dict[str, str] | None = None, **kw: object
     ) -> httpx.Response:
-        try:
-            with trio.fail_after(self.deadline):
-                response = await self._http.request(method, path, headers=headers, **kw)  # type: ignore[arg-type]
-        except trio.TooSlowError:
-            raise Unreachable(
-                f"{self.spec.host}: {method} {path}: no answer in {self.deadline:g} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise self._wrap(exc, f"{method} {path}") from exc
+        with self._answering(f"{method} {path}"):
+            response = await self._http.request(method, path, headers=headers, **kw)  # type: ignore[arg-type]
         self._check(response, f"{method} {path}")
         return response
 
@@ -139,21 +148,14 @@ class RegistryClient:
         """A GET whose body is read only up to ``limit`` bytes: a registry that sends more
         (a hostile or broken one) is refused before it costs memory."""
         what = f"GET {path}"
-        try:
-            with trio.fail_after(self.deadline):
-                async with self._http.stream("GET", path, headers=headers) as response:
-                    self._check(response, what)
-                    body = bytearray()
-                    async for data in response.aiter_raw():
-                        body += data
-                        if len(body) > limit:
-                            raise RegistryError(f"{self.spec.host}: {what}: over {limit} bytes")
-        except trio.TooSlowError:
-            raise Unreachable(
-                f"{self.spec.host}: {what}: no answer in {self.deadline:g} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise self._wrap(exc, what) from exc
+        with self._answering(what):
+            async with self._http.stream("GET", path, headers=headers) as response:
+                self._check(response, what)
+                body = bytearray()
+                async for data in response.aiter_raw():
+                    body += data
+                    if len(body) > limit:
+                        raise RegistryError(f"{self.spec.host}: {what}: over {limit} bytes")
         return httpx.Response(
             response.status_code,
             headers=response.headers,
@@ -247,15 +249,8 @@ class RegistryClient:
             if len(got) >= length:
                 raise _Enough
 
-        try:
-            with trio.fail_after(self.deadline):
-                await self.read_blob(repository, digest, 0, length, size, sink)
-        except _Enough:
-            pass
-        except trio.TooSlowError:
-            raise Unreachable(
-                f"{self.spec.host}: {digest}: no answer in {self.deadline:g} s"
-            ) from None
+        with contextlib.suppress(_Enough), self._answering(f"{digest} bytes 0-{length - 1}"):
+            await self.read_blob(repository, digest, 0, length, size, sink)
         return bytes(got)
 
     async def blob_size(self, repository: str, digest: str) -> int:
@@ -284,7 +279,8 @@ class RegistryClient:
         path = f"/v2/{repository}/blobs/{digest}"
         what = f"GET {path} bytes {start}-{end - 1}"
         at = start
-        try:
+        # the sink's own errors (the cache's) pass through
+        with self._answering(what, deadline=False):
             async with self._http.stream(
                 "GET", path, headers={"Range": f"bytes={start}-{end - 1}"}
             ) as response:
@@ -301,8 +297,6 @@ class RegistryClient:
                         at += len(data)
                     if at >= stop:
                         break
-        except httpx.HTTPError as exc:  # the sink's own errors (the cache's) pass through
-            raise self._wrap(exc, what) from exc
         if at < end:
             raise Unreachable(f"{self.spec.host}: {what}: the answer ended at byte {at}")
 

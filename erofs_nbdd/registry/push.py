@@ -16,7 +16,14 @@ import trio
 from ..erofs import SUPERBLOCK_OFFSET, NotErofs, parse_superblock
 from .client import RegistryClient
 from .credentials import find_credentials
-from .manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor, image_config, image_manifest
+from .manifest import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    image_config,
+    image_manifest,
+    sha256_digest,
+)
 from .reference import EROFS_LAYER
 
 if TYPE_CHECKING:
@@ -63,11 +70,8 @@ def check_image(path: Path) -> int:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        while data := f.read(PIECE):
-            h.update(data)
-    return "sha256:" + h.hexdigest()
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Progress:
@@ -115,7 +119,7 @@ async def push(
         for layer in layers:
             await _upload_file(client, repository, layer, progress)
         config = image_config([layer.digest for layer in layers], platform)
-        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        config_digest = sha256_digest(config)
         if not await client.has_blob(repository, config_digest):
             await client.upload_blob(repository, config_digest, len(config), _once(config))
         manifest = image_manifest(

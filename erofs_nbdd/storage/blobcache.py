@@ -91,7 +91,7 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
-def _hex(digest: str) -> str:
+def digest_hex(digest: str) -> str:
     """The digest's hex part, which names files here: anything else is refused, so no
     name a registry sends can lead out of the cache."""
     hex_part = digest.removeprefix("sha256:")
@@ -254,26 +254,15 @@ class Blob:
                 event = self._pending.pop(index, None)
                 if event is not None:
                     event.set()
-            verify = (
-                self._count == self.chunks
-                and not (self.complete or self._verifying)
-                and self.bad is None
-            )
-            if verify:
-                self._verifying = True
-                self.cache.hold(self)  # the verification's, released when it ends
+            self.verify_soon()  # before the release: its hold keeps the files open
             self.cache.release(self)
-        if verify:
-            try:
-                await self._verify()
-            except Exception as exc:  # a system task must not raise
-                log.warning("%s: verification failed: %s", self.digest, exc)
 
     def verify_soon(self) -> None:
-        """A partial file found whole (the last run ended before it was hashed)."""
-        if not (self.complete or self._verifying) and self._count == self.chunks:
+        """Hash the blob once every chunk is in: after the fetch that brought the last one,
+        or at open for a partial file found whole (the last run ended before hashing it)."""
+        if self._count == self.chunks and not (self.complete or self._verifying or self.bad):
             self._verifying = True
-            self.cache.hold(self)
+            self.cache.hold(self)  # the verification's, released when it ends
             trio.lowlevel.spawn_system_task(self._verify_task, name=f"verify {self.digest}")
 
     async def _verify_task(self) -> None:
@@ -355,15 +344,10 @@ class Blob:
             self.cache.release(self)
 
     def _hash(self) -> str:
-        h = hashlib.sha256()
-        offset = 0
-        while offset < self.size:
-            data = os.pread(self.fd, min(8 * CHUNK, self.size - offset), offset)
-            if not data:
-                break
-            h.update(data)
-            offset += len(data)
-        return "sha256:" + h.hexdigest()
+        # the descriptor's offset is this read's alone: every other read here gives its own
+        with os.fdopen(os.dup(self.fd), "rb") as f:
+            f.seek(0)
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
     def _touch(self) -> None:
         now = time.monotonic()
@@ -405,10 +389,15 @@ class BlobCache:
         return total
 
     def complete_path(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / _hex(digest)
+        return self.root / "blobs" / "sha256" / digest_hex(digest)
+
+    def head_path(self, digest: str) -> Path:
+        """Where the source keeps the blob's first bytes (its superblock), which go with
+        the blob when it is found corrupt."""
+        return self.root / "heads" / "sha256" / digest_hex(digest)
 
     def partial_path(self, digest: str) -> Path:
-        return self.root / "partial" / "sha256" / _hex(digest)
+        return self.root / "partial" / "sha256" / digest_hex(digest)
 
     def refused(self, digest: str) -> str | None:
         """Why this blob is refused (it failed its digest check lately), or None."""
@@ -543,8 +532,8 @@ class BlobCache:
         if self._open.get(blob.digest) is blob:
             del self._open[blob.digest]
         partial = self.partial_path(blob.digest)
-        heads = self.root / "heads" / "sha256" / _hex(blob.digest)
-        for path in (Path(str(partial) + ".map"), partial, heads):  # the map first
+        for path in (Path(str(partial) + ".map"), partial, self.head_path(blob.digest)):
+            # the map first
             path.unlink(missing_ok=True)
         self.used = self._measure()
 

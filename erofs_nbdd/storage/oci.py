@@ -30,6 +30,7 @@ from ..registry.reference import (
     check_tag,
     parse_image_name,
 )
+from .blobcache import digest_hex
 from .catalog import NotServed
 from .exports import Export
 from .remote import RemoteBackend
@@ -93,13 +94,26 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _write_once(path: Path, data: bytes) -> None:
+    """For files named by their content's digest: once written, never again."""
+    if not path.exists():
+        _atomic_write(path, data)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 class MetaStore:
     """What one registry said, under ``CACHE/meta/HOST``: no credential ever goes here."""
 
-    def __init__(self, root: Path, host: str) -> None:
-        self.root = root / "meta" / host
-        self.manifests = root / "manifests" / "sha256"
-        self.heads = root / "heads" / "sha256"
+    def __init__(self, cache: BlobCache, host: str) -> None:
+        self.root = cache.root / "meta" / host
+        self._cache = cache
+        self._manifests = cache.root / "manifests" / "sha256"
 
     def _repo(self, repository: str) -> Path:
         return self.root / "repos" / repository.replace("/", "+")
@@ -134,39 +148,34 @@ class MetaStore:
             return []
 
     def save_manifest(self, digest: str, data: bytes) -> None:
-        path = self.manifests / digest.removeprefix("sha256:")
-        if not path.exists():
-            _atomic_write(path, data)
+        _write_once(self._manifests / digest_hex(digest), data)
 
     def manifest(self, digest: str) -> bytes | None:
-        try:
-            return (self.manifests / digest.removeprefix("sha256:")).read_bytes()
-        except OSError:
-            return None
+        return _read(self._manifests / digest_hex(digest))
+
+    def _layer(self, repository: str, digest: str) -> Path:
+        return self._repo(repository) / "layers" / digest_hex(digest)
 
     def save_layer(self, repository: str, layer: Descriptor) -> None:
-        path = self._repo(repository) / "layers" / layer.digest.removeprefix("sha256:")
-        if not path.exists():
-            _atomic_write(path, f"{layer.size} {layer.media_type}".encode())
+        _write_once(
+            self._layer(repository, layer.digest), f"{layer.size} {layer.media_type}".encode()
+        )
 
     def layer(self, repository: str, digest: str) -> Descriptor | None:
+        text = _read(self._layer(repository, digest))
+        if text is None:
+            return None
+        size, _, media_type = text.decode(errors="replace").partition(" ")
         try:
-            text = (self._repo(repository) / "layers" / digest.removeprefix("sha256:")).read_text()
-            size, _, media_type = text.partition(" ")
             return Descriptor(media_type=media_type, digest=digest, size=int(size))
-        except (OSError, ValueError):
+        except ValueError:
             return None
 
     def save_head(self, digest: str, head: bytes) -> None:
-        path = self.heads / digest.removeprefix("sha256:")
-        if not path.exists():
-            _atomic_write(path, head)
+        _write_once(self._cache.head_path(digest), head)
 
     def head(self, digest: str) -> bytes | None:
-        try:
-            return (self.heads / digest.removeprefix("sha256:")).read_bytes()
-        except OSError:
-            return None
+        return _read(self._cache.head_path(digest))
 
 
 def _short(digest: str) -> str:
@@ -186,7 +195,7 @@ class RegistrySource:
         self.spec = spec
         self.client = client
         self.cache = cache
-        self.meta = MetaStore(cache.root, spec.host)
+        self.meta = MetaStore(cache, spec.host)
         self.platform = platform
         self.timeout = timeout
         self._warned: set[str] = set()
