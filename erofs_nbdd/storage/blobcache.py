@@ -443,15 +443,18 @@ class BlobCache:
                 continue
             map_fd = -1
             try:
+                # new, or left by a claim of another size: start it again
                 fresh = os.fstat(fd).st_size != size
-                if fresh:  # new, or left by a claim of another size: start it again
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, size)
                 map_fd = os.open(
                     path.with_name(path.name + ".map"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
                 blob = Blob(self, digest, size, fd, complete=False)
+                # the map is emptied before the data file gets its size: a crash between
+                # leaves a file of the wrong size, which is fresh again at the next open
                 blob.attach_map(map_fd, fresh=fresh)
+                if fresh:
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
             except BaseException:
                 os.close(fd)
                 if map_fd >= 0:

@@ -26,7 +26,17 @@ def test_a_map_left_from_another_file_is_not_believed(tmp_path: Path) -> None:
     cache.partial_path(DIGEST).unlink()
     again = cache.open(DIGEST, len(DATA))
     assert not again.has(0, 4096)  # zeros are never served as the blob's bytes
+    os.pwrite(again._map_fd, b"\1", MAP_HEADER.size)
     cache.release(again)
+    # and a file of the right size in its place that the map is not of (made by hand, say;
+    # the old one kept aside so that the new one cannot reuse its inode number)
+    aside = tmp_path / "aside"
+    cache.partial_path(DIGEST).rename(aside)
+    cache.partial_path(DIGEST).write_bytes(bytes(len(DATA)))
+    third = cache.open(DIGEST, len(DATA))
+    assert not third.has(0, 4096)
+    cache.release(third)
+    aside.unlink()
 
 
 async def test_a_whole_partial_found_at_start_is_verified(tmp_path: Path) -> None:
