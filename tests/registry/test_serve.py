@@ -226,3 +226,16 @@ def test_a_layer_that_is_not_erofs_is_refused_with_the_reason(
         run("nbdinfo", server.uri("team/app:tar"), check=False)
         reason = f"team/app:tar: layer 1 of 1 is {gzip_type}, not EROFS"
         assert server.log_text().count(reason) == 2, server.log_text()  # LIST's, and GO's once
+
+
+def test_a_name_the_first_registry_lacks_is_served_by_the_next(
+    registry: Registry, plain_registry: Registry, erofs_images: dict[str, Path], tmp_path: Path
+) -> None:
+    """A whole-catalog source claims every name: a refusal from it lets the next try."""
+    rand = erofs_images["random"]
+    push_image(plain_registry, tmp_path, [rand], "team/app:v1")
+    push_image(registry, tmp_path / "other", [rand], "team/else:v1")  # a catalog to list
+    with serving(
+        registry, tmp_path / "cache", repository=None, more=(source(plain_registry),)
+    ) as server:
+        assert md5_of_export(server, "team/app:v1") == md5(rand)
